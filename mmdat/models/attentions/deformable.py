@@ -1,0 +1,257 @@
+"""Deformable multi-head attention (block letter ``D``) of DAT / DAT++.
+
+Two exact formulations of the same computation:
+
+* ``reference``: the straightforward one of the spec, materialising the
+  (queries x keys x 2) displacement tensor, a ``grid_sample`` of the position
+  bias table at every displacement, and the full attention matrix.
+* ``fast`` (the default): the bias table is bilinearly interpolated in two
+  separable 1-D steps (rows first, then columns, both exact), and queries are
+  processed in chunks through ``scaled_dot_product_attention`` so that neither
+  the displacement nor the full attention matrix is ever materialised.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .common import LayerNorm2d, check_impl, normalized_grid, reference_grid
+
+# Elements of the (query-chunk x keys) bias block per head-batch kept alive at
+# once by the fast path; bounds its peak memory at large resolutions.
+_CHUNK_ELEMENTS = 1 << 21
+
+
+class DeformableAttention(nn.Module):
+    """Deformable multi-head attention on an NCHW map.
+
+    Args:
+        dim: channels ``C``.
+        num_heads: attention heads ``h``.
+        num_groups: offset groups ``g`` (``h % g == 0``).
+        stride: downsampling ``r`` of the sampled key grid.
+        offset_kernel: kernel ``ks`` of the depthwise offset conv.
+        rpe_size: feature size ``Hq`` of this stage at the pre-training
+            resolution; the bias table is ``(h, 2Hq-1, 2Hq-1)``.
+        offset_range_factor: ``< 0`` uses raw offsets and clamps the sampling
+            positions to [-1, 1] (DAT++); ``>= 0`` bounds offsets with tanh.
+        use_pe: add the deformable relative position bias.
+        no_off: ignore the predicted offsets (sample on the reference grid).
+        impl: ``'auto'``/``'fast'`` or ``'reference'``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_groups: int, stride: int,
+                 offset_kernel: int, rpe_size: int,
+                 offset_range_factor: float = -1, use_pe: bool = True,
+                 no_off: bool = False, impl: str = 'auto'):
+        super().__init__()
+        self.dim = dim
+        self.num_heads = num_heads
+        self.num_groups = num_groups
+        self.head_dim = dim // num_heads
+        self.group_dim = dim // num_groups
+        self.heads_per_group = num_heads // num_groups
+        self.scale = self.head_dim ** -0.5
+        self.stride = stride
+        self.offset_range_factor = offset_range_factor
+        self.use_pe = use_pe
+        self.no_off = no_off
+        self.impl = check_impl(impl)
+        pad = 0 if offset_kernel == stride else offset_kernel // 2
+        self.conv_offset = nn.Sequential(
+            nn.Conv2d(self.group_dim, self.group_dim, offset_kernel, stride,
+                      pad, groups=self.group_dim),
+            LayerNorm2d(self.group_dim),
+            nn.GELU(),
+            nn.Conv2d(self.group_dim, 2, 1, 1, 0, bias=False),
+        )
+        self.proj_q = nn.Conv2d(dim, dim, 1)
+        self.proj_k = nn.Conv2d(dim, dim, 1)
+        self.proj_v = nn.Conv2d(dim, dim, 1)
+        self.proj_out = nn.Conv2d(dim, dim, 1)
+        if use_pe:
+            self.rpe_table = nn.Parameter(
+                torch.zeros(num_heads, 2 * rpe_size - 1, 2 * rpe_size - 1))
+            nn.init.trunc_normal_(self.rpe_table, std=0.01)
+
+    # ------------------------------------------------------------------ parts
+    def sampling_positions(self, q: torch.Tensor) -> torch.Tensor:
+        """Normalised (y, x) key positions, shape ``(B*g, Hk, Wk, 2)``."""
+        B, _, H, W = q.shape
+        offset = self.conv_offset(
+            q.reshape(B * self.num_groups, self.group_dim, H, W))
+        Hk, Wk = offset.shape[-2:]
+        if self.offset_range_factor >= 0 and not self.no_off:
+            rng = offset.new_tensor([1.0 / max(Hk - 1, 1),
+                                     1.0 / max(Wk - 1, 1)]).view(1, 2, 1, 1)
+            offset = offset.tanh() * rng * self.offset_range_factor
+        offset = offset.permute(0, 2, 3, 1)
+        ref = torch.stack(torch.meshgrid(
+            reference_grid(Hk, q.dtype, q.device),
+            reference_grid(Wk, q.dtype, q.device), indexing='ij'), dim=-1)
+        if self.no_off:
+            offset = torch.zeros_like(offset)
+        pos = offset + ref
+        if self.offset_range_factor < 0:
+            pos = pos.clamp(-1.0, 1.0)
+        return pos
+
+    def sample_keys(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Bilinear samples of ``x`` at ``pos``: ``(B, C, Hk, Wk)``."""
+        B, C, H, W = x.shape
+        sampled = F.grid_sample(
+            x.reshape(B * self.num_groups, self.group_dim, H, W),
+            pos.flip(-1), mode='bilinear', padding_mode='zeros',
+            align_corners=True)
+        return sampled.reshape(B, C, *pos.shape[1:3])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _, _ = self.forward_with_positions(x)
+        return out
+
+    def forward_with_positions(
+            self, x: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Output plus the sampling positions and reference-grid shape.
+
+        Returns ``(out, pos, ref_shape)`` with ``pos`` of shape
+        ``(B*g, Hk, Wk, 2)`` in (y, x) order, normalised to [-1, 1].
+        """
+        B, C, H, W = x.shape
+        q = self.proj_q(x)
+        pos = self.sampling_positions(q)
+        sampled = self.sample_keys(x, pos)
+        Ns = sampled.shape[-2] * sampled.shape[-1]
+        k = self.proj_k(sampled).reshape(B * self.num_heads, self.head_dim, Ns)
+        v = self.proj_v(sampled).reshape(B * self.num_heads, self.head_dim, Ns)
+        q = q.reshape(B * self.num_heads, self.head_dim, H * W)
+        if self.impl == 'reference':
+            out = self._attend_reference(q, k, v, pos, H, W)
+        else:
+            out = self._attend_fast(q, k, v, pos, H, W)
+        out = self.proj_out(out.reshape(B, C, H, W))
+        return out, pos, torch.tensor(pos.shape[1:3])
+
+    # --------------------------------------------------------- reference path
+    def _attend_reference(self, q, k, v, pos, H, W):
+        Bh, c, M = q.shape
+        attn = torch.einsum('bcm,bcn->bmn', q, k) * self.scale
+        if self.use_pe:
+            attn = attn + self._bias_reference(pos, H, W)
+        attn = attn.softmax(dim=-1)
+        return torch.einsum('bmn,bcn->bcm', attn, v)
+
+    def _bias_reference(self, pos, H, W):
+        Bg, Hk, Wk, _ = pos.shape
+        B = Bg // self.num_groups
+        q_grid = torch.stack(torch.meshgrid(
+            normalized_grid(H, pos.dtype, pos.device),
+            normalized_grid(W, pos.dtype, pos.device), indexing='ij'), dim=-1)
+        displacement = (q_grid.reshape(1, H * W, 1, 2)
+                        - pos.reshape(Bg, 1, Hk * Wk, 2)) * 0.5
+        table = self.rpe_table.to(pos.dtype)[None].expand(B, -1, -1, -1)
+        table = table.reshape(Bg, self.heads_per_group, *table.shape[-2:])
+        bias = F.grid_sample(table, displacement.flip(-1), mode='bilinear',
+                             padding_mode='zeros', align_corners=True)
+        return bias.reshape(B * self.num_heads, H * W, Hk * Wk)
+
+    # -------------------------------------------------------------- fast path
+    def _attend_fast(self, q, k, v, pos, H, W):
+        Bh, c, M = q.shape
+        Ns = k.shape[-1]
+        q = q.transpose(1, 2).reshape(Bh, H, W, c)
+        k = k.transpose(1, 2)
+        v = v.transpose(1, 2)
+        if self.use_pe:
+            table = self.rpe_table.to(q.dtype)
+            y_idx, y_w = _interp_1d(pos[..., 0], H, table.shape[-2])
+            x_idx, x_w = _interp_1d(pos[..., 1], W, table.shape[-1])
+            interp = (y_idx, y_w, x_idx, x_w)
+        rows = max(1, min(H, _CHUNK_ELEMENTS // max(1, Bh * W * Ns)))
+        outs = []
+        for i0 in range(0, H, rows):
+            i1 = min(H, i0 + rows)
+            if self.use_pe:
+                args = (q[:, i0:i1], k, v, table) + tuple(
+                    t[:, i0:i1] if n == 0 else t for n, t in
+                    ((0, interp[0]), (0, interp[1]), (1, interp[2]),
+                     (1, interp[3])))
+                fn = self._chunk_with_bias
+            else:
+                args = (q[:, i0:i1], k, v)
+                fn = self._chunk_plain
+            if torch.is_grad_enabled() and rows < H and any(
+                    t.requires_grad for t in args):
+                # Recompute the chunk in backward instead of keeping every
+                # chunk's bias block alive: this is what bounds training memory.
+                outs.append(checkpoint(fn, *args, use_reentrant=False))
+            else:
+                outs.append(fn(*args))
+        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+        return out.reshape(Bh, M, c).transpose(1, 2)
+
+    def _chunk_plain(self, q, k, v):
+        Bh, r, W, c = q.shape
+        out = F.scaled_dot_product_attention(
+            q.reshape(Bh, r * W, c), k, v, scale=self.scale)
+        return out.reshape(Bh, r, W, c)
+
+    def _chunk_with_bias(self, q, k, v, table, y_idx, y_w, x_idx, x_w):
+        Bh, r, W, c = q.shape
+        bias = _separable_bias(table, self.num_groups, y_idx, y_w, x_idx, x_w)
+        out = F.scaled_dot_product_attention(
+            q.reshape(Bh, r * W, c), k, v,
+            attn_mask=bias.reshape(Bh, r * W, -1), scale=self.scale)
+        return out.reshape(Bh, r, W, c)
+
+
+def _interp_1d(p: torch.Tensor, n_query: int, size: int):
+    """Corner indices/weights of the bias lookup along one axis.
+
+    ``p``: key positions ``(B*g, Hk, Wk)`` along this axis. The displacement
+    ``(query - p) / 2`` is mapped to table pixels as ``grid_sample`` with
+    ``align_corners=True`` does; corners outside the table get weight 0
+    (zero padding). Returns indices ``(B*g, n_query, Ns, 2)`` (clamped into
+    range) and weights of the same shape.
+    """
+    Bg = p.shape[0]
+    qs = normalized_grid(n_query, p.dtype, p.device)
+    disp = (qs.view(1, -1, 1) - p.reshape(Bg, 1, -1)) * 0.5
+    u = (disp + 1) * 0.5 * (size - 1)
+    u0 = u.floor()
+    frac = u - u0
+    i0 = u0.long()
+    idx = torch.stack((i0, i0 + 1), dim=-1)
+    w = torch.stack((1 - frac, frac), dim=-1)
+    w = w * ((idx >= 0) & (idx < size)).to(w.dtype)
+    return idx.clamp(0, size - 1), w
+
+
+def _separable_bias(table, groups, y_idx, y_w, x_idx, x_w):
+    """Bilinear lookup of ``table`` (h, Ty, Tx) for a chunk of query rows.
+
+    ``y_*``: ``(B*g, r, Ns, 2)`` for the chunk's rows, ``x_*``:
+    ``(B*g, W, Ns, 2)``. Returns the bias ``(B*h, r, W, Ns)``.
+    """
+    h, Ty, Tx = table.shape
+    Bg, r, Ns, _ = y_idx.shape
+    W = x_idx.shape[1]
+    hg = h // groups
+    B = Bg // groups
+    tbl = table.reshape(1, groups, hg, Ty, Tx).expand(B, -1, -1, -1, -1)
+    tbl = tbl.reshape(Bg, hg, Ty, Tx)
+    # rows: (Bg, hg, r*Ns*2, Tx) -> weighted sum of the two row corners
+    rows = torch.gather(
+        tbl, 2, y_idx.reshape(Bg, 1, -1, 1).expand(-1, hg, -1, Tx))
+    rows = rows.reshape(Bg, hg, r, Ns, 2, Tx)
+    rows = (rows * y_w.reshape(Bg, 1, r, Ns, 2, 1)).sum(4)  # (Bg,hg,r,Ns,Tx)
+    # columns: gather along Tx with per-(column, key) indices
+    xi = x_idx.permute(0, 2, 1, 3).reshape(Bg, 1, 1, Ns, W * 2)
+    vals = torch.gather(rows, 4, xi.expand(-1, hg, r, -1, -1))
+    vals = vals.reshape(Bg, hg, r, Ns, W, 2)
+    xw = x_w.permute(0, 2, 1, 3).reshape(Bg, 1, 1, Ns, W, 2)
+    bias = (vals * xw).sum(-1)  # (Bg, hg, r, Ns, W)
+    return bias.permute(0, 1, 2, 4, 3).reshape(Bg * hg, r, W, Ns)

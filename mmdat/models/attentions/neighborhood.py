@@ -1,0 +1,155 @@
+"""Neighborhood attention (block letter ``N``) in plain PyTorch.
+
+Exactly the semantics of natten's ``NeighborhoodAttention2D`` with dilation 1
+as used by DAT++: each query attends to the ``k x k`` keys of a window that
+slides inward at the borders (never padded), with a relative position bias
+``rpb`` of shape ``(h, 2k-1, 2k-1)``. Maps smaller than the kernel are
+zero-padded on the bottom/right first and cropped back afterwards.
+
+* ``reference``: gathers every query's ``k x k`` keys explicitly.
+* ``fast`` (the default): queries are cut into ``T x T`` tiles; each tile
+  attends to the ``(T+k-1)^2`` halo that holds all its windows, with an
+  additive mask (bias inside the window, -inf outside) through
+  ``scaled_dot_product_attention``. Tiles fall into a handful of border
+  patterns, so the mask is built per pattern, not per tile.
+"""
+from typing import List, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .common import check_impl
+
+
+def window_starts(n: int, k: int, device=None) -> torch.Tensor:
+    """First key index of each query's window: ``clamp(i - k//2, 0, n - k)``."""
+    return (torch.arange(n, device=device) - k // 2).clamp(0, n - k)
+
+
+class NeighborhoodAttention(nn.Module):
+    """2-D neighborhood attention on an NCHW map (keys ``qkv``, ``rpb``, ``proj``)."""
+
+    def __init__(self, dim: int, num_heads: int, kernel_size: int = 7,
+                 impl: str = 'auto', tile: int = 8):
+        super().__init__()
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.kernel_size = kernel_size
+        self.impl = check_impl(impl)
+        self.tile = tile
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.rpb = nn.Parameter(
+            torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
+        nn.init.trunc_normal_(self.rpb, std=0.02)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        k = self.kernel_size
+        t = x.permute(0, 2, 3, 1)
+        pad_b, pad_r = max(0, k - H), max(0, k - W)
+        if pad_b or pad_r:
+            # the padded tokens go through qkv (bias included) like any other
+            t = F.pad(t, (0, 0, 0, pad_r, 0, pad_b))
+        Hp, Wp = t.shape[1:3]
+        qkv = self.qkv(t).reshape(B, Hp, Wp, 3, self.num_heads, self.head_dim)
+        q, kk, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # (B, h, H, W, c)
+        if self.impl == 'reference':
+            out = self._attend_reference(q, kk, v)
+        else:
+            out = self._attend_tiled(q, kk, v)
+        out = out.permute(0, 2, 3, 1, 4).reshape(B, Hp, Wp, C)
+        out = out[:, :H, :W]
+        return self.proj(out).permute(0, 3, 1, 2)
+
+    # --------------------------------------------------------- reference path
+    def _attend_reference(self, q, k, v):
+        B, h, H, W, c = q.shape
+        ks = self.kernel_size
+        ar = torch.arange(ks, device=q.device)
+        rows = window_starts(H, ks, q.device)[:, None] + ar  # (H, ks)
+        cols = window_starts(W, ks, q.device)[:, None] + ar  # (W, ks)
+        R = rows[:, None, :, None]
+        Cc = cols[None, :, None, :]
+        kn = k[:, :, R, Cc]  # (B, h, H, W, ks, ks, c)
+        vn = v[:, :, R, Cc]
+        logits = torch.einsum('bhijc,bhijxyc->bhijxy', q * self.scale, kn)
+        rel_r = rows - torch.arange(H, device=q.device)[:, None] + ks - 1
+        rel_c = cols - torch.arange(W, device=q.device)[:, None] + ks - 1
+        bias = self.rpb[:, rel_r[:, None, :, None], rel_c[None, :, None, :]]
+        logits = logits + bias.to(logits.dtype)
+        attn = logits.reshape(B, h, H, W, ks * ks).softmax(-1)
+        attn = attn.reshape(B, h, H, W, ks, ks)
+        return torch.einsum('bhijxy,bhijxyc->bhijc', attn, vn)
+
+    # -------------------------------------------------------------- fast path
+    def _attend_tiled(self, q, k, v):
+        B, h, H, W, c = q.shape
+        ks = self.kernel_size
+        T = self.tile
+        rq, rk, rrel, rpat = _tile_layout(H, ks, T, q.device)
+        cq, ck, crel, cpat = _tile_layout(W, ks, T, q.device)
+        nth, ntw = rq.shape[0], cq.shape[0]
+        Lh, Lw = rk.shape[1], ck.shape[1]
+        # (B, h, nth, ntw, T*T, c) query tiles and (.., Lh*Lw, c) key halos
+        qt = q[:, :, rq[:, None, :, None], cq[None, :, None, :]]
+        qt = qt.reshape(B, h, nth, ntw, T * T, c)
+        kt = k[:, :, rk[:, None, :, None], ck[None, :, None, :]]
+        kt = kt.reshape(B, h, nth, ntw, Lh * Lw, c)
+        vt = v[:, :, rk[:, None, :, None], ck[None, :, None, :]]
+        vt = vt.reshape(B, h, nth, ntw, Lh * Lw, c)
+        out = qt.new_empty(B, h, nth, ntw, T * T, c)
+        for pr, r_tiles in enumerate(rpat):
+            for pc, c_tiles in enumerate(cpat):
+                mask = self._pattern_mask(rrel[pr], crel[pc], q.dtype)
+                sel = (slice(None), slice(None), r_tiles[:, None],
+                       c_tiles[None, :])
+                out[sel] = F.scaled_dot_product_attention(
+                    qt[sel], kt[sel], vt[sel],
+                    attn_mask=mask[:, None, None], scale=self.scale)
+        out = out.reshape(B, h, nth, ntw, T, T, c).permute(0, 1, 2, 4, 3, 5, 6)
+        out = out.reshape(B, h, nth * T, ntw * T, c)
+        return out[:, :, :H, :W]
+
+    def _pattern_mask(self, rrel: torch.Tensor, crel: torch.Tensor,
+                      dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask (h, T*T, Lh*Lw): rpb inside the window, -inf outside."""
+        T, Lh = rrel.shape
+        Lw = crel.shape[1]
+        valid = (rrel[:, None, :, None] >= 0) & (crel[None, :, None, :] >= 0)
+        bias = self.rpb[:, rrel.clamp(min=0)[:, None, :, None],
+                        crel.clamp(min=0)[None, :, None, :]].to(dtype)
+        bias = bias.masked_fill(~valid, float('-inf'))
+        return bias.reshape(-1, T * T, Lh * Lw)
+
+
+def _tile_layout(n: int, ks: int, T: int, device) -> Tuple[
+        torch.Tensor, torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+    """Tiling of one axis of length ``n`` (``n >= ks``) into query tiles.
+
+    Returns the query index of each tile slot ``(nt, T)`` (past-the-end
+    slots repeat the last index and are cropped later), the halo key indices
+    ``(nt, L)``, and the distinct relative-offset patterns: a list of
+    ``(T, L)`` tensors holding ``key - query + ks - 1`` inside the window and
+    -1 outside, with, for each pattern, the tiles that use it.
+    """
+    nt = -(-n // T)
+    L = min(T + ks - 1, n)
+    starts = window_starts(n, ks)
+    qidx = (torch.arange(nt * T) .clamp(max=n - 1)).reshape(nt, T)
+    first = starts[qidx[:, 0]]
+    kstart = torch.minimum(first, torch.full_like(first, n - L))
+    kidx = kstart[:, None] + torch.arange(L)
+    qs = starts[qidx]  # (nt, T) window start of each query
+    rel = kidx[:, None, :] - qidx[:, :, None] + ks - 1  # (nt, T, L)
+    inside = (kidx[:, None, :] >= qs[:, :, None]) & (
+        kidx[:, None, :] < qs[:, :, None] + ks)
+    rel = torch.where(inside, rel, torch.full_like(rel, -1))
+    patterns, inverse = torch.unique(rel, dim=0, return_inverse=True)
+    tiles = [torch.nonzero(inverse == p).flatten().to(device)
+             for p in range(patterns.shape[0])]
+    return (qidx.to(device), kidx.to(device),
+            [p.to(device) for p in patterns], tiles)
