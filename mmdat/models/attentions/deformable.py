@@ -81,8 +81,13 @@ class DeformableAttention(nn.Module):
     def sampling_positions(self, q: torch.Tensor) -> torch.Tensor:
         """Normalised (y, x) key positions, shape ``(B*g, Hk, Wk, 2)``."""
         B, _, H, W = q.shape
-        offset = self.conv_offset(
-            q.reshape(B * self.num_groups, self.group_dim, H, W))
+        q_off = q.reshape(B * self.num_groups, self.group_dim, H, W)
+        ks = self.conv_offset[0].kernel_size[0]
+        if self.conv_offset[0].padding[0] == 0 and (H < ks or W < ks):
+            # unpadded offset conv (ks == stride) on a map smaller than its
+            # kernel: zero-pad bottom/right so that one key is still sampled
+            q_off = F.pad(q_off, (0, max(0, ks - W), 0, max(0, ks - H)))
+        offset = self.conv_offset(q_off)
         Hk, Wk = offset.shape[-2:]
         if self.offset_range_factor >= 0 and not self.no_off:
             rng = offset.new_tensor([1.0 / max(Hk - 1, 1),

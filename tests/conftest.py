@@ -1,0 +1,51 @@
+import importlib.util
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parent / 'data'
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault('OMP_NUM_THREADS', '2')
+warnings.filterwarnings('ignore', category=UserWarning, module='mmengine')
+
+# A small valid DAT++ arch: every block kind, every stage, tiny widths.
+TINY_ARCH = dict(dim_stem=16, dims=[16, 32, 64, 64], depths=[2, 2, 2, 1],
+                 stage_spec=[['N', 'D'], ['D', 'N'], ['N', 'D'], ['D']],
+                 heads=[1, 2, 4, 4], groups=[1, 1, 2, 2])
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: end-to-end runs (minutes)')
+    config.addinivalue_line('markers', 'gpu: needs CUDA')
+
+
+@pytest.fixture(scope='session')
+def golden():
+    return torch.load(DATA / 'golden_mini.pt', weights_only=False)
+
+
+@pytest.fixture(scope='session')
+def manifests():
+    with open(DATA / 'manifests.json') as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope='session')
+def fill():
+    spec = importlib.util.spec_from_file_location('dat_fill', DATA / 'fill.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| (the contract's agreement measure)."""
+    return float((a.double() - b.double()).abs().max() /
+                 b.double().abs().max())

@@ -1,0 +1,120 @@
+"""The fast attention paths are exact against the reference formulation
+(float64: outputs, input gradients and parameter gradients)."""
+import copy
+
+import pytest
+import torch
+
+from conftest import TINY_ARCH, rel_err
+from mmdat.models import DAT
+from mmdat.models.attentions import DeformableAttention, NeighborhoodAttention
+
+TOL = 1e-5
+
+
+def _compare(fast, ref, x):
+    xf = x.clone().requires_grad_(True)
+    xr = x.clone().requires_grad_(True)
+    of, orf = fast(xf), ref(xr)
+    assert rel_err(of, orf) <= TOL
+    g = torch.randn_like(of)
+    (of * g).sum().backward()
+    (orf * g).sum().backward()
+    assert rel_err(xf.grad, xr.grad) <= TOL
+    _compare_param_grads(fast, ref)
+
+
+def _compare_param_grads(fast, ref):
+    """Relative to each gradient's size, floored at the largest parameter
+    gradient: some are exactly zero in theory (e.g. ``proj_k.bias``, to which
+    softmax is invariant) and only rounding noise in practice."""
+    floor = max(float(p.grad.abs().max()) for p in ref.parameters()
+                if p.grad is not None)
+    for (n, pf), (_, pr) in zip(fast.named_parameters(),
+                                ref.named_parameters()):
+        assert (pf.grad is None) == (pr.grad is None), n
+        if pr.grad is None:
+            continue
+        scale = max(float(pr.grad.abs().max()), floor)
+        assert float((pf.grad - pr.grad).abs().max()) <= TOL * scale, n
+
+
+def _pair(module):
+    ref = copy.deepcopy(module)
+    ref.impl = 'reference'
+    module.impl = 'fast'
+    return module.double(), ref.double()
+
+
+@pytest.mark.parametrize('hw', [(16, 24), (7, 7), (9, 30), (30, 8), (13, 17),
+                                (21, 11)])
+@pytest.mark.parametrize('kernel', [3, 7])
+def test_neighborhood_fast_equals_reference(hw, kernel):
+    torch.manual_seed(0)
+    m = NeighborhoodAttention(16, 2, kernel)
+    with torch.no_grad():
+        m.rpb.normal_()
+    fast, ref = _pair(m)
+    _compare(fast, ref, torch.randn(2, 16, *hw, dtype=torch.float64))
+
+
+@pytest.mark.parametrize('hw', [(4, 6), (2, 3), (1, 5), (5, 1), (1, 1)])
+def test_neighborhood_smaller_than_kernel(hw):
+    torch.manual_seed(1)
+    fast, ref = _pair(NeighborhoodAttention(8, 2, 7))
+    _compare(fast, ref, torch.randn(1, 8, *hw, dtype=torch.float64))
+
+
+@pytest.mark.parametrize('hw', [(32, 48), (17, 23), (9, 40), (40, 3),
+                                (2, 2), (1, 7), (6, 1), (1, 1)])
+@pytest.mark.parametrize('setting', [
+    dict(num_heads=2, num_groups=1, stride=8, offset_kernel=9, rpe_size=56),
+    dict(num_heads=4, num_groups=2, stride=2, offset_kernel=5, rpe_size=14),
+    dict(num_heads=4, num_groups=4, stride=1, offset_kernel=3, rpe_size=7),
+    dict(num_heads=2, num_groups=2, stride=2, offset_kernel=2, rpe_size=1),
+])
+def test_deformable_fast_equals_reference(hw, setting):
+    torch.manual_seed(0)
+    m = DeformableAttention(16, **setting)
+    with torch.no_grad():
+        m.rpe_table.normal_()
+        m.conv_offset[3].weight.mul_(20)  # large offsets: clamped positions
+    fast, ref = _pair(m)
+    _compare(fast, ref, torch.randn(2, 16, *hw, dtype=torch.float64))
+
+
+def test_deformable_chunked_path_equals_reference(monkeypatch):
+    from mmdat.models.attentions import deformable
+    monkeypatch.setattr(deformable, '_CHUNK_ELEMENTS', 200)
+    torch.manual_seed(0)
+    m = DeformableAttention(16, 2, 1, stride=2, offset_kernel=3, rpe_size=14)
+    fast, ref = _pair(m)
+    _compare(fast, ref, torch.randn(1, 16, 19, 13, dtype=torch.float64))
+
+
+@pytest.mark.parametrize('orf', [2.0, 0.0])
+def test_deformable_tanh_offsets_and_no_pe(orf):
+    torch.manual_seed(0)
+    for use_pe in (True, False):
+        m = DeformableAttention(16, 2, 2, stride=2, offset_kernel=3,
+                                rpe_size=8, offset_range_factor=orf,
+                                use_pe=use_pe)
+        fast, ref = _pair(m)
+        _compare(fast, ref, torch.randn(1, 16, 12, 10, dtype=torch.float64))
+
+
+@pytest.mark.parametrize('hw', [(64, 96), (45, 37)])
+def test_whole_backbone_fast_equals_reference(hw):
+    torch.manual_seed(0)
+    fast = DAT(arch=TINY_ARCH, impl='fast').double()
+    ref = DAT(arch=TINY_ARCH, impl='reference').double()
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(1, 3, *hw, dtype=torch.float64)
+    xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    of, orf = fast(xf), ref(xr)
+    for a, b in zip(of, orf):
+        assert rel_err(a, b) <= TOL
+    sum((o * o).sum() for o in of).backward()
+    sum((o * o).sum() for o in orf).backward()
+    assert rel_err(xf.grad, xr.grad) <= TOL
+    _compare_param_grads(fast, ref)
