@@ -1,27 +1,66 @@
 #!/usr/bin/env bash
-# Create ./.venv with the pinned OpenMMLab 2 stack and mmdat installed in editable mode.
-# Idempotent: when everything is already installed it returns in seconds.
+# Create ./.venv with the pinned OpenMMLab 2 stack and mmdat (editable).
+# Idempotent: when everything is installed already it returns in seconds.
+#
+# mmcv 2.1.0 has no wheel for torch 2.14 and its setup.py asks for C++17,
+# while torch >= 2.10 headers need C++20: we build it from the PyPI sdist with
+# that one flag changed, and keep the wheel in ~/.cache/mmdat/wheels so a
+# second set-up on the same machine installs it instantly.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
-STAMP="$VENV/.mmdat-stack-v1"
+WHEELS="${MMDAT_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mmdat/wheels}"
+STAMP="$VENV/.mmdat-setup"
+KEY="$(cat "$ROOT/requirements.txt" "$ROOT/tools/setup_env.sh" "$ROOT/setup.py" | sha256sum | cut -c1-16)"
 
-if [ -f "$STAMP" ] && "$PY" -c 'import mmdat, mmcv.ops, mmdet, mmseg, mmpretrain' 2>/dev/null; then
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ] && \
+   "$PY" -c 'import mmdat, mmcv.ops, mmdet, mmseg, mmpretrain' >/dev/null 2>&1; then
   exit 0
 fi
 
+log() { echo "[mmdat setup] $*"; }
+pipi() { "$PY" -m pip install --disable-pip-version-check -q "$@" 2>&1 \
+           | grep -v -e '^WARNING: Location' -e 'dependency resolver' \
+                     -e 'which is incompatible' || true; \
+         return "${PIPESTATUS[0]}"; }
+
 if [ ! -x "$PY" ]; then
-  python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
+  log "creating $VENV"
+  if command -v python3.11 >/dev/null; then python3.11 -m venv "$VENV"; else python3 -m venv "$VENV"; fi
 fi
-PIP=("$PY" -m pip install --disable-pip-version-check -q)
-"${PIP[@]}" --upgrade pip 'setuptools<70' wheel ninja
-# torch first: mmcv is compiled against it (no mmcv 2.1.0 wheel exists for torch 2.14).
-"${PIP[@]}" torch==2.14.1 torchvision==0.29.1 'numpy<2'
-if ! "$PY" -c 'import mmcv.ops' 2>/dev/null; then
-  echo "[mmdat] building mmcv 2.1.0 from source (about 13 minutes on 2 cores, cached by pip afterwards)"
-  MAX_JOBS="${MAX_JOBS:-$(nproc)}" "${PIP[@]}" --no-build-isolation mmengine==0.10.7 mmcv==2.1.0
+# setuptools < 81 still ships pkg_resources, which mmcv's setup.py imports
+pipi --upgrade pip 'setuptools>=69,<81' wheel ninja
+pipi torch==2.14.1 torchvision==0.29.1 'numpy<2'
+
+if ! "$PY" -c 'import mmcv.ops' >/dev/null 2>&1; then
+  mkdir -p "$WHEELS"
+  whl="$(ls "$WHEELS"/mmcv-2.1.0-*.whl 2>/dev/null | head -n1 || true)"
+  if [ -z "$whl" ]; then
+    log "building mmcv 2.1.0 from source (about 15-25 minutes on 2 cores; done once per machine)"
+    tmp="$(mktemp -d)"
+    "$PY" -m pip download --disable-pip-version-check -q --no-deps --no-binary :all: \
+      --no-build-isolation -d "$tmp" mmcv==2.1.0 2>&1 | grep -v '^WARNING: Location' || true
+    tar -xzf "$tmp"/mmcv-2.1.0.tar.gz -C "$tmp"
+    sed -i 's/-std=c++14/-std=c++20/g; s/-std=c++17/-std=c++20/g' "$tmp/mmcv-2.1.0/setup.py"
+    (cd "$tmp/mmcv-2.1.0" && MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+      "$PY" -m pip wheel --disable-pip-version-check -q --no-deps --no-build-isolation \
+      -w "$WHEELS" . 2>&1 | grep -v '^WARNING: Location' || true)
+    rm -rf "$tmp"
+    whl="$(ls "$WHEELS"/mmcv-2.1.0-*.whl 2>/dev/null | head -n1 || true)"
+    [ -n "$whl" ] || { log "mmcv build failed"; exit 1; }
+  fi
+  pipi --no-deps "$whl"
 fi
-"${PIP[@]}" -r "$ROOT/requirements.txt"
-"${PIP[@]}" --no-deps -e "$ROOT"
-touch "$STAMP"
+
+log "installing the pinned stack"
+pipi mmengine==0.10.7 'opencv-python<4.11' matplotlib pycocotools scipy shapely six \
+  terminaltables tqdm packaging prettytable einops importlib-metadata mat4py modelindex \
+  rich ftfy regex pytest hypothesis Click colorama model-index pandas requests tabulate
+# the three libraries pin mmcv ranges that pip would try to re-resolve from source;
+# openmim's dataset-download dependency (openxlab) would downgrade setuptools.
+pipi --no-deps mmdet==3.3.0 mmsegmentation==1.2.2 mmpretrain==1.2.0 openmim==0.3.9
+pipi --no-deps --no-build-isolation -e "$ROOT"
+"$PY" -c 'import mmdat, mmcv.ops, mmdet, mmseg, mmpretrain' >/dev/null
+echo "$KEY" > "$STAMP"
+log "ready: $VENV"
