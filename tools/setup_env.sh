@@ -25,6 +25,17 @@ pipi() { "$PY" -m pip install --disable-pip-version-check -q "$@" 2>&1 \
                      -e 'which is incompatible' || true; \
          return "${PIPESTATUS[0]}"; }
 
+need_apt=()
+command -v g++ >/dev/null || need_apt+=(g++)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv python3-dev)
+if [ "${#need_apt[@]}" -gt 0 ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    log "installing ${need_apt[*]} with apt-get"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  else
+    log "please install: ${need_apt[*]} (needed to create the venv and build mmcv)"; exit 1
+  fi
+fi
 if [ ! -x "$PY" ]; then
   log "creating $VENV"
   if command -v python3.11 >/dev/null; then python3.11 -m venv "$VENV"; else python3 -m venv "$VENV"; fi

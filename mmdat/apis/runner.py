@@ -186,22 +186,6 @@ def apply_amp(cfg: Config) -> Config:
         optim_wrapper.pop('loss_scale', None)
         optim_wrapper.dtype = 'bfloat16'
     return cfg
-    if current not in ('OptimWrapper', 'AmpOptimWrapper',
-                       'CPUAmpOptimWrapper'):
-        raise ValueError('`--amp` is only supported when optim_wrapper.type '
-                         f'is `OptimWrapper`, but got `{current}`.')
-    if torch.cuda.is_available():
-        optim_wrapper.type = 'AmpOptimWrapper'
-        optim_wrapper.setdefault('loss_scale', 'dynamic')
-    else:
-        print_log(
-            'CUDA is not available: `--amp` uses bfloat16 autocast on CPU '
-            '(CPUAmpOptimWrapper) instead of AmpOptimWrapper.',
-            logger='current', level=logging.WARNING)
-        optim_wrapper.type = 'CPUAmpOptimWrapper'
-        optim_wrapper.pop('loss_scale', None)
-        optim_wrapper.dtype = 'bfloat16'
-    return cfg
 
 
 def apply_auto_scale_lr(cfg: Config) -> Config:
@@ -250,7 +234,8 @@ def prepare_dist(cfg: Config) -> Config:
       mmengine passes ``device_ids=[LOCAL_RANK]`` to DDP, which DDP rejects
       for CPU modules.
 
-    Idempotent; a no-op when CUDA is available or the run is not distributed.
+    Idempotent; a no-op when CUDA is available (without CUDA the backend is
+    switched even for non-distributed runs, which never use it).
     """
     if torch.cuda.is_available():
         return cfg

@@ -165,98 +165,116 @@ class DeformableAttention(nn.Module):
 
     # -------------------------------------------------------------- fast path
     def _attend_fast(self, q, k, v, pos, H, W):
+        # Works in the transposed (keys x queries) layout: q and the output
+        # stay (B*h, c, H*W) like the NCHW maps, and the bias gathers run
+        # along contiguous table rows.
         Bh, c, M = q.shape
         Ns = k.shape[-1]
-        q = q.transpose(1, 2).reshape(Bh, H, W, c)
-        k = k.transpose(1, 2)
-        v = v.transpose(1, 2)
-        if self.use_pe:
+        k = k.transpose(1, 2)  # (Bh, Ns, c)
+        in_range = self.offset_range_factor < 0 or self.no_off
+        if self.use_pe and in_range:
             table = self.rpe_table.to(q.dtype)
-            y_idx, y_w = _interp_1d(pos[..., 0], H, table.shape[-2])
-            x_idx, x_w = _interp_1d(pos[..., 1], W, table.shape[-1])
-            interp = (y_idx, y_w, x_idx, x_w)
+            y0, fy = _corner(pos[..., 0], H, table.shape[-2])
+            x0, fx = _corner(pos[..., 1], W, table.shape[-1])
+        elif self.use_pe:
+            # tanh-bounded offsets (DAT v1) can leave the table: zero padding
+            # of the reference lookup
+            bias_all = self._bias_reference(pos, H, W).reshape(Bh, H, W, Ns)
+            bias_all = bias_all.permute(0, 3, 1, 2)
         rows = max(1, min(H, _CHUNK_ELEMENTS // max(1, Bh * W * Ns)))
+        grad = torch.is_grad_enabled() and rows < H
+        q = q.reshape(Bh, c, H, W)
         outs = []
         for i0 in range(0, H, rows):
             i1 = min(H, i0 + rows)
-            if self.use_pe:
-                args = (q[:, i0:i1], k, v, table) + tuple(
-                    t[:, i0:i1] if n == 0 else t for n, t in
-                    ((0, interp[0]), (0, interp[1]), (1, interp[2]),
-                     (1, interp[3])))
+            if self.use_pe and in_range:
                 fn = self._chunk_with_bias
+                args = (q[:, :, i0:i1], k, v, table, y0[..., i0:i1],
+                        fy[..., i0:i1], x0, fx)
+            elif self.use_pe:
+                fn = self._chunk_with_given_bias
+                args = (q[:, :, i0:i1], k, v, bias_all[:, :, i0:i1])
             else:
-                args = (q[:, i0:i1], k, v)
                 fn = self._chunk_plain
-            if torch.is_grad_enabled() and rows < H and any(
-                    t.requires_grad for t in args):
+                args = (q[:, :, i0:i1], k, v)
+            if grad and any(t.requires_grad for t in args):
                 # Recompute the chunk in backward instead of keeping every
-                # chunk's bias block alive: this is what bounds training memory.
+                # chunk's bias and attention block alive: this is what bounds
+                # training memory.
                 outs.append(checkpoint(fn, *args, use_reentrant=False))
             else:
                 outs.append(fn(*args))
-        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-        return out.reshape(Bh, M, c).transpose(1, 2)
+        out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+        return out.reshape(Bh, c, M)
 
     def _chunk_plain(self, q, k, v):
-        Bh, r, W, c = q.shape
+        Bh, c, r, W = q.shape
         out = F.scaled_dot_product_attention(
-            q.reshape(Bh, r * W, c), k, v, scale=self.scale)
-        return out.reshape(Bh, r, W, c)
+            q.reshape(Bh, c, r * W).transpose(1, 2), k, v.transpose(1, 2),
+            scale=self.scale)
+        return out.transpose(1, 2).reshape(Bh, c, r, W)
 
-    def _chunk_with_bias(self, q, k, v, table, y_idx, y_w, x_idx, x_w):
-        Bh, r, W, c = q.shape
-        bias = _separable_bias(table, self.num_groups, y_idx, y_w, x_idx, x_w)
-        out = F.scaled_dot_product_attention(
-            q.reshape(Bh, r * W, c), k, v,
-            attn_mask=bias.reshape(Bh, r * W, -1), scale=self.scale)
-        return out.reshape(Bh, r, W, c)
+    def _chunk_with_given_bias(self, q, k, v, bias):
+        """``bias``: (Bh, Ns, r, W); returns (Bh, c, r, W)."""
+        Bh, c, r, W = q.shape
+        attn = torch.baddbmm(bias.reshape(Bh, -1, r * W), k,
+                             q.reshape(Bh, c, r * W), alpha=self.scale)
+        attn = attn.softmax(dim=1)
+        return torch.bmm(v, attn).reshape(Bh, c, r, W)
+
+    def _chunk_with_bias(self, q, k, v, table, y0, fy, x0, fx):
+        bias = _separable_bias(table, self.num_groups, y0, fy, x0, fx)
+        return self._chunk_with_given_bias(q, k, v, bias)
 
 
-def _interp_1d(p: torch.Tensor, n_query: int, size: int):
-    """Corner indices/weights of the bias lookup along one axis.
+def _corner(p: torch.Tensor, n_query: int, size: int):
+    """Table corners and fraction of the bias lookup along one axis.
 
-    ``p``: key positions ``(B*g, Hk, Wk)`` along this axis. The displacement
-    ``(query - p) / 2`` is mapped to table pixels as ``grid_sample`` with
-    ``align_corners=True`` does; corners outside the table get weight 0
-    (zero padding). Returns indices ``(B*g, n_query, Ns, 2)`` (clamped into
-    range) and weights of the same shape.
+    ``p``: key positions ``(B*g, Hk, Wk)`` along this axis, in [-1, 1]. The
+    displacement ``(query - p) / 2`` lies in [-1, 1] and maps, as in
+    ``grid_sample`` with ``align_corners=True``, to table coordinate
+    ``u = (d + 1) / 2 * (size - 1)`` in ``[0, size - 1]``. Returns corner
+    indices ``(2, B*g, Ns, n)`` (``i0 = min(floor(u), size - 2)`` and
+    ``i0 + 1``, clamped for a 1-wide table) and ``u - i0`` ``(B*g, Ns, n)``.
     """
     Bg = p.shape[0]
     qs = normalized_grid(n_query, p.dtype, p.device)
-    disp = (qs.view(1, -1, 1) - p.reshape(Bg, 1, -1)) * 0.5
+    disp = (qs.view(1, 1, -1) - p.reshape(Bg, -1, 1)) * 0.5
     u = (disp + 1) * 0.5 * (size - 1)
-    u0 = u.floor()
-    frac = u - u0
-    i0 = u0.long()
-    idx = torch.stack((i0, i0 + 1), dim=-1)
-    w = torch.stack((1 - frac, frac), dim=-1)
-    w = w * ((idx >= 0) & (idx < size)).to(w.dtype)
-    return idx.clamp(0, size - 1), w
+    i0 = u.detach().floor().clamp(0, max(size - 2, 0))
+    frac = u - i0
+    i0 = i0.long()
+    return torch.stack((i0, (i0 + 1).clamp(max=size - 1))), frac
 
 
-def _separable_bias(table, groups, y_idx, y_w, x_idx, x_w):
+def _separable_bias(table, groups, y0, fy, x0, fx):
     """Bilinear lookup of ``table`` (h, Ty, Tx) for a chunk of query rows.
 
-    ``y_*``: ``(B*g, r, Ns, 2)`` for the chunk's rows, ``x_*``:
-    ``(B*g, W, Ns, 2)``. Returns the bias ``(B*h, r, W, Ns)``.
+    The reference samples the table at ``(query - pos) / 2`` for every
+    (query, key) pair; the y part depends only on (query row, key) and the x
+    part only on (query column, key), so the lookup splits into a row
+    interpolation per (key, row) and a 2-tap column interpolation per
+    (key, row, column), gathered along contiguous table rows.
+    ``y0``: ``(2, B*g, Ns, r)``, ``fy``: ``(B*g, Ns, r)``; ``x0``:
+    ``(2, B*g, Ns, W)``, ``fx``: ``(B*g, Ns, W)``.
+    Returns the bias ``(B*h, Ns, r, W)``.
     """
     h, Ty, Tx = table.shape
-    Bg, r, Ns, _ = y_idx.shape
-    W = x_idx.shape[1]
+    Bg, Ns, r = fy.shape
+    W = fx.shape[-1]
     hg = h // groups
     B = Bg // groups
-    tbl = table.reshape(1, groups, hg, Ty, Tx).expand(B, -1, -1, -1, -1)
-    tbl = tbl.reshape(Bg, hg, Ty, Tx)
-    # rows: (Bg, hg, r*Ns*2, Tx) -> weighted sum of the two row corners
-    rows = torch.gather(
-        tbl, 2, y_idx.reshape(Bg, 1, -1, 1).expand(-1, hg, -1, Tx))
-    rows = rows.reshape(Bg, hg, r, Ns, 2, Tx)
-    rows = (rows * y_w.reshape(Bg, 1, r, Ns, 2, 1)).sum(4)  # (Bg,hg,r,Ns,Tx)
-    # columns: gather along Tx with per-(column, key) indices
-    xi = x_idx.permute(0, 2, 1, 3).reshape(Bg, 1, 1, Ns, W * 2)
-    vals = torch.gather(rows, 4, xi.expand(-1, hg, r, -1, -1))
-    vals = vals.reshape(Bg, hg, r, Ns, W, 2)
-    xw = x_w.permute(0, 2, 1, 3).reshape(Bg, 1, 1, Ns, W, 2)
-    bias = (vals * xw).sum(-1)  # (Bg, hg, r, Ns, W)
-    return bias.permute(0, 1, 2, 4, 3).reshape(Bg * hg, r, W, Ns)
+    tbl = table.reshape(groups, hg, Ty, Tx)
+    g_idx = torch.arange(groups, device=table.device).view(1, groups, 1, 1)
+    y = y0.reshape(2, B, groups, Ns, r)
+    # (B, g, Ns, r, hg, Tx): table rows at the two row corners
+    t0 = tbl[g_idx, :, y[0]]
+    t1 = tbl[g_idx, :, y[1]]
+    rows = torch.lerp(t0, t1, fy.reshape(B, groups, Ns, r, 1, 1))
+    rows = rows.permute(0, 1, 4, 2, 3, 5)  # (B, g, hg, Ns, r, Tx)
+    shape = (B, groups, hg, Ns, r, W)
+    x = x0.reshape(2, B, groups, 1, Ns, 1, W)
+    v0 = torch.gather(rows, 5, x[0].expand(shape))
+    v1 = torch.gather(rows, 5, x[1].expand(shape))
+    wx = fx.reshape(B, groups, 1, Ns, 1, W).expand(shape)
+    return torch.lerp(v0, v1, wx).reshape(Bg * hg, Ns, r, W)

@@ -1,0 +1,17 @@
+# 3x schedule of the DAT++ detectors: the 1x one run for 36 epochs with the
+# learning rate divided by 10 at epochs 27 and 33.
+_base_ = ['./schedule_dat_pp_1x.py']
+
+max_epochs = 36
+train_cfg = dict(max_epochs=max_epochs)
+param_scheduler = [
+    dict(
+        type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=500),
+    dict(
+        type='MultiStepLR',
+        begin=0,
+        end=max_epochs,
+        by_epoch=True,
+        milestones=[27, 33],
+        gamma=0.1)
+]

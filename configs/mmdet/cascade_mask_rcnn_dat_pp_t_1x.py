@@ -1,0 +1,8 @@
+# Cascade Mask R-CNN (4conv1fc GIoU heads), DAT-T++, 1x (12 epochs),
+# DETR-style multi-scale training. Official: 52.2 box AP / 45.0 mask AP.
+_base_ = [
+    './_base_/cascade_mask_rcnn_dat_pp_t_fpn_coco.py',
+    './_base_/schedule_dat_pp_1x.py'
+]
+
+model = dict(backbone=dict(drop_path_rate=0.0))

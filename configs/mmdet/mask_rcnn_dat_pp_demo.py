@@ -1,0 +1,115 @@
+# Mask R-CNN with a small DAT++ on the bundled demo data (COCO layout, shapes
+# 'circle', 'square', 'triangle' in 96..160 px images), CPU friendly: trains
+# from scratch in a few minutes and reports COCO bbox / segm AP.
+#   python tools/dataset_converters/make_demo_data.py  # writes data/demo/
+#   python tools/train.py configs/mmdet/mask_rcnn_dat_pp_demo.py
+# Everything but the data location, model size and schedule is inherited from
+# the DAT-T++ 1x recipe. Data elsewhere: edit ``data_root`` below (the value
+# is copied into the datasets and the evaluators when the config is read, so
+# ``--cfg-options data_root=...`` alone does not move them; pass
+# ``train_dataloader.dataset.data_root=... val_dataloader.dataset.data_root=...
+# test_dataloader.dataset.data_root=... val_evaluator.ann_file=...
+# test_evaluator.ann_file=...`` instead).
+_base_ = ['./mask_rcnn_dat_pp_t_1x.py']
+
+data_root = 'data/demo/coco/'
+classes = ('circle', 'square', 'triangle')
+metainfo = dict(classes=classes)
+num_classes = len(classes)
+img_scale = (160, 160)
+
+# Small DAT++ (2.2M parameters in the trunk), trained from scratch.
+pretrained = None
+model = dict(
+    backbone=dict(
+        arch=dict(
+            _delete_=True,
+            dim_stem=32,
+            dims=[32, 64, 128, 256],
+            depths=[1, 1, 2, 1],
+            stage_spec=[['D'], ['D'], ['N', 'D'], ['D']],
+            heads=[1, 2, 4, 8],
+            groups=[1, 1, 2, 4]),
+        drop_path_rate=0.0,
+        with_cp=False,
+        init_cfg=None),
+    neck=dict(in_channels=[32, 64, 128, 256], out_channels=64),
+    rpn_head=dict(in_channels=64, feat_channels=64),
+    roi_head=dict(
+        bbox_roi_extractor=dict(out_channels=64),
+        bbox_head=dict(
+            in_channels=64, fc_out_channels=256, num_classes=num_classes),
+        mask_roi_extractor=dict(out_channels=64),
+        mask_head=dict(
+            in_channels=64, conv_out_channels=64, num_classes=num_classes)),
+    train_cfg=dict(
+        rpn_proposal=dict(nms_pre=1000, max_per_img=300),
+        rcnn=dict(sampler=dict(num=128))),
+    test_cfg=dict(
+        rpn=dict(nms_pre=300, max_per_img=100),
+        rcnn=dict(max_per_img=20)))
+
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(
+        type='RandomResize',
+        scale=img_scale,
+        ratio_range=(0.75, 1.25),
+        keep_ratio=True),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackDetInputs')
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=img_scale, keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(
+        type='PackDetInputs',
+        meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
+                   'scale_factor'))
+]
+train_dataloader = dict(
+    batch_size=4,
+    num_workers=2,
+    persistent_workers=False,
+    dataset=dict(
+        data_root=data_root,
+        metainfo=metainfo,
+        ann_file='annotations/instances_train.json',
+        data_prefix=dict(img='train/'),
+        pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=4,
+    num_workers=2,
+    persistent_workers=False,
+    dataset=dict(
+        data_root=data_root,
+        metainfo=metainfo,
+        ann_file='annotations/instances_val.json',
+        data_prefix=dict(img='val/'),
+        pipeline=test_pipeline))
+test_dataloader = val_dataloader
+val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
+test_evaluator = val_evaluator
+
+# 12 short epochs (12 iterations each) on the CPU: plain fp32 AdamW with a
+# higher lr for training from scratch, 50-iteration warm-up.
+max_epochs = 12
+train_cfg = dict(max_epochs=max_epochs, val_interval=4)
+optim_wrapper = dict(type='OptimWrapper', optimizer=dict(lr=0.0005))
+param_scheduler = [
+    dict(
+        type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=50),
+    dict(
+        type='MultiStepLR',
+        begin=0,
+        end=max_epochs,
+        by_epoch=True,
+        milestones=[9, 11],
+        gamma=0.1)
+]
+default_hooks = dict(
+    logger=dict(interval=4),
+    checkpoint=dict(interval=max_epochs),
+    visualization=dict(draw=False))

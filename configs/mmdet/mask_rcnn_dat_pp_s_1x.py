@@ -1,0 +1,11 @@
+# Mask R-CNN, DAT-S++, 1x. Official: 49.8 box AP / 44.5 mask AP.
+_base_ = ['./mask_rcnn_dat_pp_t_1x.py']
+
+# tools/model_converters/dat2mmdat.py applied to the official DAT-S++ weights.
+pretrained = 'checkpoints/dat_pp_s_in1k.pth'
+model = dict(
+    backbone=dict(
+        arch='small',
+        drop_path_rate=0.1,
+        init_cfg=dict(checkpoint=pretrained)),
+    neck=dict(in_channels=[96, 192, 384, 768]))

@@ -1,0 +1,122 @@
+# UperNet with a small DAT++ on the bundled demo data (ADE20K layout, classes
+# 'background', 'circle', 'square', 'triangle' stored as label values 1..4,
+# 0 unused -> reduce_zero_label), CPU friendly: trains from scratch in a few
+# minutes and reports mIoU.
+#   python tools/dataset_converters/make_demo_data.py  # writes data/demo/
+#   python tools/train.py configs/mmseg/upernet_dat_pp_demo.py
+# Everything but the data, model size and schedule is inherited from the
+# DAT-T++ UperNet recipe. Data elsewhere: edit ``data_root`` below (the value
+# is copied into the datasets when the config is read, so pass
+# ``train_dataloader.dataset.data_root=... val_dataloader.dataset.data_root=...
+# test_dataloader.dataset.data_root=...`` with ``--cfg-options``).
+_base_ = ['./upernet_dat_pp_t_160k_ade20k.py']
+
+data_root = 'data/demo/ade/'
+classes = ('background', 'circle', 'square', 'triangle')
+# palette of tools/dataset_converters/make_demo_data.py
+metainfo = dict(
+    classes=classes,
+    palette=[[120, 120, 120], [220, 40, 40], [40, 200, 40], [40, 80, 220]])
+num_classes = len(classes)
+crop_size = (128, 128)
+
+# Small DAT++ (2.2M parameters in the trunk), trained from scratch; BN instead
+# of SyncBN in the heads so that it runs without a process group.
+pretrained = None
+norm_cfg = dict(type='BN', requires_grad=True)
+data_preprocessor = dict(size=crop_size)
+model = dict(
+    data_preprocessor=data_preprocessor,
+    backbone=dict(
+        arch=dict(
+            _delete_=True,
+            dim_stem=32,
+            dims=[32, 64, 128, 256],
+            depths=[1, 1, 2, 1],
+            stage_spec=[['D'], ['D'], ['N', 'D'], ['D']],
+            heads=[1, 2, 4, 8],
+            groups=[1, 1, 2, 4]),
+        drop_path_rate=0.0,
+        with_cp=False,
+        init_cfg=None),
+    decode_head=dict(
+        in_channels=[32, 64, 128, 256],
+        channels=64,
+        num_classes=num_classes,
+        norm_cfg=norm_cfg),
+    auxiliary_head=dict(
+        in_channels=128,
+        channels=32,
+        num_classes=num_classes,
+        norm_cfg=norm_cfg))
+
+demo_dataset = dict(
+    type='BaseSegDataset',
+    data_root=data_root,
+    metainfo=metainfo,
+    img_suffix='.png',
+    seg_map_suffix='.png',
+    reduce_zero_label=True)
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(
+        type='RandomResize',
+        scale=crop_size,
+        ratio_range=(0.75, 1.5),
+        keep_ratio=True),
+    dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PhotoMetricDistortion'),
+    dict(type='PackSegInputs')
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=crop_size, keep_ratio=True),
+    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='PackSegInputs')
+]
+train_dataloader = dict(
+    batch_size=4,
+    num_workers=2,
+    persistent_workers=False,
+    dataset=dict(
+        _delete_=True,
+        **demo_dataset,
+        data_prefix=dict(
+            img_path='images/training', seg_map_path='annotations/training'),
+        pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=1,
+    num_workers=2,
+    persistent_workers=False,
+    dataset=dict(
+        _delete_=True,
+        **demo_dataset,
+        data_prefix=dict(
+            img_path='images/validation',
+            seg_map_path='annotations/validation'),
+        pipeline=test_pipeline))
+test_dataloader = val_dataloader
+
+# 160 iterations on the CPU (~13 epochs of the 48 training images): plain
+# fp32 AdamW with a higher lr for training from scratch, short warm-up.
+max_iters = 160
+interval = 80
+optim_wrapper = dict(type='OptimWrapper', optimizer=dict(lr=0.001))
+param_scheduler = [
+    dict(
+        type='LinearLR', start_factor=1e-3, by_epoch=False, begin=0, end=20),
+    dict(
+        type='PolyLR',
+        eta_min=0.0,
+        power=1.0,
+        begin=20,
+        end=max_iters,
+        by_epoch=False)
+]
+train_cfg = dict(max_iters=max_iters, val_interval=interval)
+default_hooks = dict(
+    logger=dict(interval=20),
+    checkpoint=dict(interval=max_iters),
+    visualization=dict(draw=False))
