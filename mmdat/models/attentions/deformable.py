@@ -18,11 +18,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .common import LayerNorm2d, check_impl, normalized_grid, reference_grid
+from .common import (LayerNorm2d, check_impl, flex_attention,
+                     normalized_grid, reference_grid, resolve_impl)
 
 # Elements of the (query-chunk x keys) bias block per head-batch kept alive at
-# once by the fast path; bounds its peak memory at large resolutions.
+# once by the fast path; bounds its peak memory at large resolutions. GPUs
+# have the memory and want large launches, CPUs want cache-sized chunks.
 _CHUNK_ELEMENTS = 1 << 21
+_CHUNK_ELEMENTS_CUDA = 1 << 26
+
+
+def _chunk_elements(device: torch.device) -> int:
+    return _CHUNK_ELEMENTS_CUDA if device.type == 'cuda' else _CHUNK_ELEMENTS
 
 
 class DeformableAttention(nn.Module):
@@ -133,8 +140,14 @@ class DeformableAttention(nn.Module):
         k = self.proj_k(sampled).reshape(B * self.num_heads, self.head_dim, Ns)
         v = self.proj_v(sampled).reshape(B * self.num_heads, self.head_dim, Ns)
         q = q.reshape(B * self.num_heads, self.head_dim, H * W)
-        if self.impl == 'reference':
+        impl = resolve_impl(self.impl, x)
+        if impl == 'flex' and (self.offset_range_factor >= 0
+                               and not self.no_off):
+            impl = 'fast'  # positions may leave the table: not fused
+        if impl == 'reference':
             out = self._attend_reference(q, k, v, pos, H, W)
+        elif impl == 'flex':
+            out = self._attend_flex(q, k, v, pos, H, W)
         else:
             out = self._attend_fast(q, k, v, pos, H, W)
         out = self.proj_out(out.reshape(B, C, H, W))
@@ -163,6 +176,66 @@ class DeformableAttention(nn.Module):
                              padding_mode='zeros', align_corners=True)
         return bias.reshape(B * self.num_heads, H * W, Hk * Wk)
 
+    # -------------------------------------------------------------- CUDA path
+    def _attend_flex(self, q, k, v, pos, H, W):
+        """Fused attention (flex_attention) with the bias computed inside the
+        score function: nothing of size queries x keys is materialised."""
+        Bh, c, M = q.shape
+        Ns = k.shape[-1]
+        h, g, hg = self.num_heads, self.num_groups, self.heads_per_group
+        B = Bh // h
+
+        def heads(t):
+            return t.reshape(B, h, c, -1).transpose(2, 3)
+
+        score_mod = None
+        if self.use_pe:
+            table = self.rpe_table.float()
+            if table.shape[-2] == 1:
+                table = torch.cat([table, table], 1)
+            if table.shape[-1] == 1:
+                table = torch.cat([table, table], 2)
+            Ty, Tx = table.shape[-2:]
+            py = pos[..., 0].float().reshape(B, g, Ns)
+            px = pos[..., 1].float().reshape(B, g, Ns)
+            # sizes as tensors, so that a new input size is not a new graph
+            f32 = dict(dtype=torch.float32, device=q.device)
+            consts = torch.tensor([
+                2.0 / (H - 1) if H > 1 else 0.0, 1.0 if H > 1 else 0.0,
+                2.0 / (W - 1) if W > 1 else 0.0, 1.0 if W > 1 else 0.0,
+                self.rpe_table.shape[-2] - 1, self.rpe_table.shape[-1] - 1,
+                Ty - 2, Tx - 2], **f32)
+            width = torch.tensor(W, dtype=torch.int64, device=q.device)
+            # flex's backward allows one indexing per captured tensor that
+            # needs a gradient: one copy of the table per bilinear corner
+            t00, t01, t10, t11 = (table.clone() for _ in range(4))
+
+            def score_mod(score, b, hh, q_idx, kv_idx):
+                i = q_idx // width
+                j = q_idx - i * width
+                grp = hh // hg
+                # table coordinate of the displacement (query - key) / 2
+                uy = ((i * consts[0] - consts[1] - py[b, grp, kv_idx]) * 0.5
+                      + 1) * 0.5 * consts[4]
+                ux = ((j * consts[2] - consts[3] - px[b, grp, kv_idx]) * 0.5
+                      + 1) * 0.5 * consts[5]
+                y0 = torch.minimum(torch.clamp(torch.floor(uy), min=0),
+                                   consts[6])
+                x0 = torch.minimum(torch.clamp(torch.floor(ux), min=0),
+                                   consts[7])
+                fy = uy - y0
+                fx = ux - x0
+                y0 = y0.to(torch.int32)
+                x0 = x0.to(torch.int32)
+                top = t00[hh, y0, x0] * (1 - fx) + t01[hh, y0, x0 + 1] * fx
+                bot = (t10[hh, y0 + 1, x0] * (1 - fx)
+                       + t11[hh, y0 + 1, x0 + 1] * fx)
+                return score + top * (1 - fy) + bot * fy
+
+        out = flex_attention(heads(q), heads(k), heads(v),
+                             score_mod=score_mod, scale=self.scale)
+        return out.transpose(2, 3).reshape(Bh, c, M)
+
     # -------------------------------------------------------------- fast path
     def _attend_fast(self, q, k, v, pos, H, W):
         # Works in the transposed (keys x queries) layout: q and the output
@@ -181,7 +254,7 @@ class DeformableAttention(nn.Module):
             # of the reference lookup
             bias_all = self._bias_reference(pos, H, W).reshape(Bh, H, W, Ns)
             bias_all = bias_all.permute(0, 3, 1, 2)
-        rows = max(1, min(H, _CHUNK_ELEMENTS // max(1, Bh * W * Ns)))
+        rows = max(1, min(H, _chunk_elements(q.device) // max(1, Bh * W * Ns)))
         grad = torch.is_grad_enabled() and rows < H
         q = q.reshape(Bh, c, H, W)
         outs = []

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import check_impl
+from .common import (check_impl, create_block_mask, flex_attention,
+                     resolve_impl)
 
 
 def window_starts(n: int, k: int, device=None) -> torch.Tensor:
@@ -57,8 +58,11 @@ class NeighborhoodAttention(nn.Module):
         Hp, Wp = t.shape[1:3]
         qkv = self.qkv(t).reshape(B, Hp, Wp, 3, self.num_heads, self.head_dim)
         q, kk, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # (B, h, H, W, c)
-        if self.impl == 'reference':
+        impl = resolve_impl(self.impl, x)
+        if impl == 'reference':
             out = self._attend_reference(q, kk, v)
+        elif impl == 'flex':
+            out = self._attend_flex(q, kk, v)
         else:
             out = self._attend_tiled(q, kk, v)
         out = out.permute(0, 2, 3, 1, 4).reshape(B, Hp, Wp, C)
@@ -84,6 +88,30 @@ class NeighborhoodAttention(nn.Module):
         attn = logits.reshape(B, h, H, W, ks * ks).softmax(-1)
         attn = attn.reshape(B, h, H, W, ks, ks)
         return torch.einsum('bhijxy,bhijxyc->bhijc', attn, vn)
+
+    # -------------------------------------------------------------- CUDA path
+    def _attend_flex(self, q, k, v):
+        """flex_attention with the window as a block mask and rpb as a score
+        modification."""
+        B, h, H, W, c = q.shape
+        ks = self.kernel_size
+        rpb = self.rpb
+        width = torch.tensor(W, dtype=torch.int64, device=q.device)
+
+        def score_mod(score, b, hh, q_idx, kv_idx):
+            qi, ki = q_idx // width, kv_idx // width
+            qj, kj = q_idx - qi * width, kv_idx - ki * width
+            # clamped: masked-out pairs are evaluated too before masking
+            ri = torch.clamp(ki - qi + ks - 1, 0, 2 * ks - 2)
+            rj = torch.clamp(kj - qj + ks - 1, 0, 2 * ks - 2)
+            return score + rpb[hh, ri, rj]
+
+        out = flex_attention(
+            q.reshape(B, h, H * W, c), k.reshape(B, h, H * W, c),
+            v.reshape(B, h, H * W, c), score_mod=score_mod,
+            block_mask=_window_block_mask(H, W, ks, q.device),
+            scale=self.scale)
+        return out.reshape(B, h, H, W, c)
 
     # -------------------------------------------------------------- fast path
     def _attend_tiled(self, q, k, v):
@@ -124,6 +152,27 @@ class NeighborhoodAttention(nn.Module):
                         crel.clamp(min=0)[None, :, None, :]].to(dtype)
         bias = bias.masked_fill(~valid, float('-inf'))
         return bias.reshape(-1, T * T, Lh * Lw)
+
+
+_BLOCK_MASKS = {}
+
+
+def _window_block_mask(H: int, W: int, ks: int, device):
+    """Block mask of the sliding windows, cached per (H, W, k, device)."""
+    key = (H, W, ks, str(device))
+    if key not in _BLOCK_MASKS:
+        def mask_mod(b, hh, q_idx, kv_idx):
+            qi, ki = q_idx // W, kv_idx // W
+            qj, kj = q_idx - qi * W, kv_idx - ki * W
+            si = torch.clamp(qi - ks // 2, 0, H - ks)
+            sj = torch.clamp(qj - ks // 2, 0, W - ks)
+            return (ki >= si) & (ki < si + ks) & (kj >= sj) & (kj < sj + ks)
+
+        if len(_BLOCK_MASKS) > 64:
+            _BLOCK_MASKS.clear()
+        _BLOCK_MASKS[key] = create_block_mask(mask_mod, None, None, H * W,
+                                              H * W, device=device)
+    return _BLOCK_MASKS[key]
 
 
 def _tile_layout(n: int, ks: int, T: int, device) -> Tuple[

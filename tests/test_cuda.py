@@ -1,0 +1,85 @@
+"""CUDA paths (fused flex attention): exact against the reference, golden
+outputs, mixed precision. Skipped on machines without a GPU."""
+import pytest
+import torch
+
+from conftest import TINY_ARCH, rel_err
+from mmdat.models import DAT
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+]
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.parametrize('impl', ['auto', 'fast', 'reference'])
+def test_golden_on_cuda(golden, manifests, fill, impl):
+    arch = dict(golden['backbone']['official_kwargs'])
+    model = DAT(arch=arch, impl=impl).eval()
+    model.load_state_dict(fill.fill_official(
+        manifests['backbone/mini']['state_dict_shapes']))
+    model.cuda()
+    for case in golden['backbone']['cases']:
+        x = fill.make_input(case['input_shape'], case['input_seed']).cuda()
+        with torch.no_grad():
+            outs = model(x)
+        for out, ref in zip(outs, case['outputs']):
+            assert rel_err(out.cpu(), ref) <= 1e-4, (impl, case['input_shape'])
+
+
+def _pair():
+    torch.manual_seed(0)
+    flex = DAT(arch=TINY_ARCH, impl='flex').cuda()
+    ref = DAT(arch=TINY_ARCH, impl='reference').cuda()
+    ref.load_state_dict(flex.state_dict())
+    with torch.no_grad():  # non-trivial biases and offsets
+        for n, p in flex.named_parameters():
+            if n.endswith(('rpe_table', 'rpb')):
+                p.normal_()
+        ref.load_state_dict(flex.state_dict())
+    return flex, ref
+
+
+@pytest.mark.parametrize('hw', [(64, 96), (45, 37), (8, 8), (1, 1), (33, 5)])
+def test_flex_equals_reference_fp32(hw):
+    flex, ref = _pair()
+    x = torch.randn(2, 3, *hw, device='cuda')
+    xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    of, orf = flex(xf), ref(xr)
+    for a, b in zip(of, orf):
+        assert rel_err(a, b) <= 1e-4
+    sum((o * o).mean() for o in of).backward()
+    sum((o * o).mean() for o in orf).backward()
+    assert rel_err(xf.grad, xr.grad) <= 1e-3
+    floor = max(float(p.grad.abs().max()) for p in ref.parameters())
+    for (n, pf), (_, pr) in zip(flex.named_parameters(),
+                                ref.named_parameters()):
+        scale = max(float(pr.grad.abs().max()), floor)
+        assert float((pf.grad - pr.grad).abs().max()) <= 1e-3 * scale, n
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('impl', ['auto', 'fast'])
+def test_autocast_finite_and_close(dtype, impl):
+    torch.manual_seed(0)
+    model = DAT(arch=TINY_ARCH, impl=impl).cuda()
+    x = torch.randn(2, 3, 96, 128, device='cuda')
+    ref = [o.detach() for o in model(x)]
+    with torch.autocast('cuda', dtype=dtype):
+        outs = model(x)
+        loss = sum(o.float().square().mean() for o in outs)
+    loss.backward()
+    for o, r in zip(outs, ref):
+        assert torch.isfinite(o).all()
+        assert rel_err(o.float(), r) <= 5e-2
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters()
+               if p.grad is not None)
