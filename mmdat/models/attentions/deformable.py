@@ -141,8 +141,7 @@ class DeformableAttention(nn.Module):
         v = self.proj_v(sampled).reshape(B * self.num_heads, self.head_dim, Ns)
         q = q.reshape(B * self.num_heads, self.head_dim, H * W)
         impl = resolve_impl(self.impl, x)
-        if impl == 'flex' and (self.offset_range_factor >= 0
-                               and not self.no_off):
+        if impl == 'flex' and self.offset_range_factor >= 0:
             impl = 'fast'  # positions may leave the table: not fused
         if impl == 'reference':
             out = self._attend_reference(q, k, v, pos, H, W)
@@ -244,7 +243,7 @@ class DeformableAttention(nn.Module):
         Bh, c, M = q.shape
         Ns = k.shape[-1]
         k = k.transpose(1, 2)  # (Bh, Ns, c)
-        in_range = self.offset_range_factor < 0 or self.no_off
+        in_range = self.offset_range_factor < 0
         if self.use_pe and in_range:
             table = self.rpe_table.to(q.dtype)
             y0, fy = _corner(pos[..., 0], H, table.shape[-2])
