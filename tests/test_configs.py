@@ -219,7 +219,8 @@ def num_params(module):
 def test_all_configs_present():
     for lib, names in REQUIRED.items():
         for name in names:
-            assert osp.join(lib, name) in CONFIGS, f'missing configs/{lib}/{name}'
+            assert osp.join(lib, name) in CONFIGS, \
+                f'missing configs/{lib}/{name}'
 
 
 @pytest.mark.parametrize('rel_path', CONFIGS)

@@ -18,7 +18,7 @@ metainfo = dict(classes=classes)
 num_classes = len(classes)
 img_scale = (160, 160)
 
-# Small DAT++ (2.2M parameters in the trunk), trained from scratch.
+# Small DAT++ (1.7M parameters in the trunk), trained from scratch.
 pretrained = None
 model = dict(
     backbone=dict(

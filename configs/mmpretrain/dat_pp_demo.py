@@ -16,7 +16,7 @@ metainfo = dict(classes=classes)
 num_classes = len(classes)
 img_size = 64
 
-# Small DAT++ (2.2M parameters in the trunk), trained from scratch; no
+# Small DAT++ (1.7M parameters in the trunk), trained from scratch; no
 # mixup / cutmix on this tiny 4-class set.
 model = dict(
     backbone=dict(

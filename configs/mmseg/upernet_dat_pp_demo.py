@@ -20,7 +20,7 @@ metainfo = dict(
 num_classes = len(classes)
 crop_size = (128, 128)
 
-# Small DAT++ (2.2M parameters in the trunk), trained from scratch; BN instead
+# Small DAT++ (1.7M parameters in the trunk), trained from scratch; BN instead
 # of SyncBN in the heads so that it runs without a process group.
 pretrained = None
 norm_cfg = dict(type='BN', requires_grad=True)
