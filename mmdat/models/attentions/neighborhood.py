@@ -13,6 +13,7 @@ zero-padded on the bottom/right first and cropped back afterwards.
   ``scaled_dot_product_attention``. Tiles fall into a handful of border
   patterns, so the mask is built per pattern, not per tile.
 """
+import functools
 from typing import List, Tuple
 
 import torch
@@ -185,20 +186,27 @@ def _tile_layout(n: int, ks: int, T: int, device) -> Tuple[
     ``(T, L)`` tensors holding ``key - query + ks - 1`` inside the window and
     -1 outside, with, for each pattern, the tiles that use it.
     """
+    qidx, kidx, patterns, tiles = _tile_layout_lists(n, ks, T)
+    return (torch.tensor(qidx, device=device),
+            torch.tensor(kidx, device=device),
+            [torch.tensor(p, device=device) for p in patterns],
+            [torch.tensor(t, device=device) for t in tiles])
+
+
+@functools.lru_cache(maxsize=256)
+def _tile_layout_lists(n: int, ks: int, T: int):
+    # Plain Python on ints: the layout depends on the sizes only, and
+    # data-dependent tensor ops (unique/nonzero) would break torch.compile
+    # graphs on every call.
     nt = -(-n // T)
     L = min(T + ks - 1, n)
-    starts = window_starts(n, ks)
-    qidx = (torch.arange(nt * T) .clamp(max=n - 1)).reshape(nt, T)
-    first = starts[qidx[:, 0]]
-    kstart = torch.minimum(first, torch.full_like(first, n - L))
-    kidx = kstart[:, None] + torch.arange(L)
-    qs = starts[qidx]  # (nt, T) window start of each query
-    rel = kidx[:, None, :] - qidx[:, :, None] + ks - 1  # (nt, T, L)
-    inside = (kidx[:, None, :] >= qs[:, :, None]) & (
-        kidx[:, None, :] < qs[:, :, None] + ks)
-    rel = torch.where(inside, rel, torch.full_like(rel, -1))
-    patterns, inverse = torch.unique(rel, dim=0, return_inverse=True)
-    tiles = [torch.nonzero(inverse == p).flatten().to(device)
-             for p in range(patterns.shape[0])]
-    return (qidx.to(device), kidx.to(device),
-            [p.to(device) for p in patterns], tiles)
+    starts = [min(max(i - ks // 2, 0), n - ks) for i in range(n)]
+    qidx = [[min(t * T + j, n - 1) for j in range(T)] for t in range(nt)]
+    kidx = [[min(starts[q[0]], n - L) + j for j in range(L)] for q in qidx]
+    patterns = {}
+    for t in range(nt):
+        rel = tuple(
+            tuple(k - q + ks - 1 if starts[q] <= k < starts[q] + ks else -1
+                  for k in kidx[t]) for q in qidx[t])
+        patterns.setdefault(rel, []).append(t)
+    return qidx, kidx, list(patterns), list(patterns.values())
