@@ -10,8 +10,7 @@ Two exact formulations of the same computation:
   processed in chunks through ``scaled_dot_product_attention`` so that neither
   the displacement nor the full attention matrix is ever materialised.
 """
-import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn as nn
