@@ -112,7 +112,7 @@ def test_deformable_key_grid_small_map():
                              rpe_size=8)
     assert gf.deformable_key_grid(da, 5, 3) == (1, 1)
     assert gf.deformable_key_grid(da, 17, 16) == (2, 2)
-    _, pos, ref = da.forward_with_positions(torch.zeros(1, 16, 5, 3))
+    _, pos = da.forward_with_positions(torch.zeros(1, 16, 5, 3))
     assert tuple(pos.shape[1:3]) == (1, 1)
 
 

@@ -28,14 +28,6 @@ def resolve_impl(impl: str, x: torch.Tensor) -> str:
     return impl
 
 
-def flex_available() -> bool:
-    try:
-        from torch.nn.attention import flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 _FLEX = {}
 
 

@@ -1,14 +1,16 @@
 """Deformable multi-head attention (block letter ``D``) of DAT / DAT++.
 
-Two exact formulations of the same computation:
+Three exact formulations of the same computation:
 
 * ``reference``: the straightforward one of the spec, materialising the
   (queries x keys x 2) displacement tensor, a ``grid_sample`` of the position
   bias table at every displacement, and the full attention matrix.
 * ``fast`` (the default): the bias table is bilinearly interpolated in two
   separable 1-D steps (rows first, then columns, both exact), and queries are
-  processed in chunks through ``scaled_dot_product_attention`` so that neither
-  the displacement nor the full attention matrix is ever materialised.
+  processed in chunks (bias-GEMM, softmax, GEMM) so that neither the
+  displacement nor the full attention matrix is ever materialised.
+* ``flex`` (CUDA, opt-in): ``flex_attention`` with the bias computed inside
+  the score function.
 """
 from typing import Tuple
 
@@ -120,16 +122,15 @@ class DeformableAttention(nn.Module):
         return sampled.reshape(B, C, *pos.shape[1:3])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _, _ = self.forward_with_positions(x)
-        return out
+        return self.forward_with_positions(x)[0]
 
     def forward_with_positions(
             self, x: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Output plus the sampling positions and reference-grid shape.
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Output plus the sampling positions.
 
-        Returns ``(out, pos, ref_shape)`` with ``pos`` of shape
-        ``(B*g, Hk, Wk, 2)`` in (y, x) order, normalised to [-1, 1].
+        Returns ``(out, pos)`` with ``pos`` of shape ``(B*g, Hk, Wk, 2)`` in
+        (y, x) order, normalised to [-1, 1].
         """
         B, C, H, W = x.shape
         q = self.proj_q(x)
@@ -149,7 +150,7 @@ class DeformableAttention(nn.Module):
         else:
             out = self._attend_fast(q, k, v, pos, H, W)
         out = self.proj_out(out.reshape(B, C, H, W))
-        return out, pos, torch.tensor(pos.shape[1:3])
+        return out, pos
 
     # --------------------------------------------------------- reference path
     def _attend_reference(self, q, k, v, pos, H, W):
