@@ -72,7 +72,8 @@ def _load(rel):
 def _non_demo_configs():
     paths = sorted(
         osp.relpath(p, ROOT)
-        for p in glob.glob(osp.join(ROOT, 'configs', '*', '*.py')))
+        for lib in ('mmdet', 'mmseg', 'mmpretrain')
+        for p in glob.glob(osp.join(ROOT, 'configs', lib, '*.py')))
     return [p for p in paths if not osp.basename(p).endswith('_demo.py')]
 
 

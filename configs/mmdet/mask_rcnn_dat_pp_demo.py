@@ -10,7 +10,7 @@
 # ``train_dataloader.dataset.data_root=... val_dataloader.dataset.data_root=...
 # test_dataloader.dataset.data_root=... val_evaluator.ann_file=...
 # test_evaluator.ann_file=...`` instead).
-_base_ = ['./mask_rcnn_dat_pp_t_1x.py']
+_base_ = ['./mask_rcnn_dat_pp_t_1x.py', '../_base_/dat_pp_demo_arch.py']
 
 data_root = 'data/demo/coco/'
 classes = ('circle', 'square', 'triangle')
@@ -22,14 +22,7 @@ img_scale = (160, 160)
 pretrained = None
 model = dict(
     backbone=dict(
-        arch=dict(
-            _delete_=True,
-            dim_stem=32,
-            dims=[32, 64, 128, 256],
-            depths=[1, 1, 2, 1],
-            stage_spec=[['D'], ['D'], ['N', 'D'], ['D']],
-            heads=[1, 2, 4, 8],
-            groups=[1, 1, 2, 4]),
+        arch=dict(_base_.dat_demo_arch, _delete_=True),
         drop_path_rate=0.0,
         with_cp=False,
         init_cfg=None),
@@ -113,3 +106,4 @@ default_hooks = dict(
     logger=dict(interval=4),
     checkpoint=dict(interval=max_epochs),
     visualization=dict(draw=False))
+del _base_.dat_demo_arch

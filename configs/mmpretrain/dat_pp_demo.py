@@ -8,7 +8,7 @@
 # is copied into the datasets when the config is read, so pass
 # ``train_dataloader.dataset.data_root=... val_dataloader.dataset.data_root=...
 # test_dataloader.dataset.data_root=...`` with ``--cfg-options``).
-_base_ = ['./dat_pp_t_in1k.py']
+_base_ = ['./dat_pp_t_in1k.py', '../_base_/dat_pp_demo_arch.py']
 
 data_root = 'data/demo/imagenet/'
 classes = ('circle', 'square', 'triangle', 'cross')
@@ -20,14 +20,7 @@ img_size = 64
 # mixup / cutmix on this tiny 4-class set.
 model = dict(
     backbone=dict(
-        arch=dict(
-            _delete_=True,
-            dim_stem=32,
-            dims=[32, 64, 128, 256],
-            depths=[1, 1, 2, 1],
-            stage_spec=[['D'], ['D'], ['N', 'D'], ['D']],
-            heads=[1, 2, 4, 8],
-            groups=[1, 1, 2, 4]),
+        arch=dict(_base_.dat_demo_arch, _delete_=True),
         drop_path_rate=0.1),
     head=dict(in_channels=256, num_classes=num_classes, topk=(1, )),
     train_cfg=None)
@@ -98,3 +91,4 @@ train_cfg = dict(max_epochs=max_epochs, val_interval=5)
 default_hooks = dict(
     logger=dict(interval=6), checkpoint=dict(interval=max_epochs))
 auto_scale_lr = dict(base_batch_size=16)
+del _base_.dat_demo_arch

@@ -9,7 +9,7 @@
 # is copied into the datasets when the config is read, so pass
 # ``train_dataloader.dataset.data_root=... val_dataloader.dataset.data_root=...
 # test_dataloader.dataset.data_root=...`` with ``--cfg-options``).
-_base_ = ['./upernet_dat_pp_t_160k_ade20k.py']
+_base_ = ['./upernet_dat_pp_t_160k_ade20k.py', '../_base_/dat_pp_demo_arch.py']
 
 data_root = 'data/demo/ade/'
 classes = ('background', 'circle', 'square', 'triangle')
@@ -28,14 +28,7 @@ data_preprocessor = dict(size=crop_size)
 model = dict(
     data_preprocessor=data_preprocessor,
     backbone=dict(
-        arch=dict(
-            _delete_=True,
-            dim_stem=32,
-            dims=[32, 64, 128, 256],
-            depths=[1, 1, 2, 1],
-            stage_spec=[['D'], ['D'], ['N', 'D'], ['D']],
-            heads=[1, 2, 4, 8],
-            groups=[1, 1, 2, 4]),
+        arch=dict(_base_.dat_demo_arch, _delete_=True),
         drop_path_rate=0.0,
         with_cp=False,
         init_cfg=None),
@@ -120,3 +113,4 @@ default_hooks = dict(
     logger=dict(interval=20),
     checkpoint=dict(interval=max_iters),
     visualization=dict(draw=False))
+del _base_.dat_demo_arch
