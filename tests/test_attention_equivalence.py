@@ -39,6 +39,18 @@ def _compare_param_grads(fast, ref):
         assert float((pf.grad - pr.grad).abs().max()) <= TOL * scale, n
 
 
+@pytest.fixture(params=['fused', 'pytorch'])
+def bias_kernel(request, monkeypatch):
+    """The deformable bias from the compiled CPU kernel, or from the
+    pure-PyTorch fallback used where it cannot be built."""
+    from mmdat.models.attentions import deformable
+    if request.param == 'fused':
+        assert deformable.cpu_ops_available(), 'fused CPU kernel not built'
+    else:
+        monkeypatch.setattr(deformable, 'cpu_ops_available', lambda: False)
+    return request.param
+
+
 def _pair(module):
     ref = copy.deepcopy(module)
     ref.impl = 'reference'
@@ -73,7 +85,7 @@ def test_neighborhood_smaller_than_kernel(hw):
     dict(num_heads=4, num_groups=4, stride=1, offset_kernel=3, rpe_size=7),
     dict(num_heads=2, num_groups=2, stride=2, offset_kernel=2, rpe_size=1),
 ])
-def test_deformable_fast_equals_reference(hw, setting):
+def test_deformable_fast_equals_reference(hw, setting, bias_kernel):
     torch.manual_seed(0)
     m = DeformableAttention(16, **setting)
     with torch.no_grad():
@@ -83,7 +95,7 @@ def test_deformable_fast_equals_reference(hw, setting):
     _compare(fast, ref, torch.randn(2, 16, *hw, dtype=torch.float64))
 
 
-def test_deformable_chunked_path_equals_reference(monkeypatch):
+def test_deformable_chunked_path_equals_reference(monkeypatch, bias_kernel):
     from mmdat.models.attentions import deformable
     monkeypatch.setattr(deformable, '_CHUNK_ELEMENTS', 200)
     torch.manual_seed(0)
@@ -118,3 +130,42 @@ def test_whole_backbone_fast_equals_reference(hw):
     sum((o * o).sum() for o in orf).backward()
     assert rel_err(xf.grad, xr.grad) <= TOL
     _compare_param_grads(fast, ref)
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32,
+                                   torch.bfloat16])
+def test_fused_bias_kernel_equals_pytorch(dtype):
+    """``torch.ops.mmdat.deform_bias`` and its backward against the gathers
+    of the pure-PyTorch path and autograd."""
+    from mmdat.models.attentions import deformable
+    assert deformable.cpu_ops_available()
+    torch.manual_seed(0)
+    Bg, hg, r, Ns, Tx, W = 3, 2, 4, 11, 9, 13
+    rows = torch.randn(Bg, hg, r, Ns, Tx, dtype=torch.float64)
+    x0 = torch.randint(0, Tx - 1, (Bg, W, Ns))
+    fx = torch.rand(Bg, W, Ns, dtype=torch.float64)
+    grad = torch.randn(Bg, hg, r, W, Ns, dtype=torch.float64)
+    rows_, fx_ = rows.clone().requires_grad_(), fx.clone().requires_grad_()
+    want = deformable._column_lerp(rows_, x0, fx_)
+    want_rows, want_fx = torch.autograd.grad(want, (rows_, fx_), grad)
+    args = (rows.to(dtype), x0.int(), fx.to(dtype))
+    got = torch.ops.mmdat.deform_bias(*args)
+    got_rows, got_fx = torch.ops.mmdat.deform_bias_backward(
+        grad.to(dtype), *args)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5,
+           torch.bfloat16: 2e-2}[dtype]
+    assert got.dtype == dtype and got.shape == want.shape
+    for a, b in ((got, want), (got_rows, want_rows), (got_fx, want_fx)):
+        assert rel_err(a, b) <= tol
+
+
+def test_fused_bias_kernel_rejects_bad_input():
+    from mmdat.models.attentions import deformable
+    assert deformable.cpu_ops_available()
+    rows = torch.zeros(1, 1, 1, 3, 4)
+    with pytest.raises(RuntimeError, match='int32'):
+        torch.ops.mmdat.deform_bias(rows, torch.zeros(1, 2, 3).long(),
+                                    torch.zeros(1, 2, 3))
+    with pytest.raises(RuntimeError, match='disagree'):
+        torch.ops.mmdat.deform_bias(rows, torch.zeros(1, 2, 5).int(),
+                                    torch.zeros(1, 2, 5))

@@ -13,22 +13,37 @@ def check_impl(impl: str) -> str:
     return impl
 
 
-def resolve_impl(impl: str, x: torch.Tensor) -> str:
-    """``'auto'`` -> ``'fast'`` (the chunked exact path, CPU and CUDA).
+_FLEX = {}
 
-    ``'flex'`` (fused ``flex_attention`` kernels, CUDA only) is opt-in: its
-    forward matches the golden outputs on an H200, but its memory at
-    detection resolutions and its backward are not verified yet. Nothing
-    CUDA-specific is imported unless it is asked for.
+
+def resolve_impl(impl: str, x: torch.Tensor) -> str:
+    """``'auto'`` -> ``'flex'`` for CUDA inference (fused ``flex_attention``
+    kernels, when this torch has them), else ``'fast'`` (the chunked exact
+    path).
+
+    flex's forward matches the golden outputs on an H100 (torch 2.11), but
+    its gradients did not match the reference there, so with autograd on
+    (training) ``auto`` keeps the chunked path; ``impl='flex'`` forces it.
+    Nothing CUDA-specific is imported for CPU inputs.
     """
     if impl == 'auto':
-        return 'fast'
+        use_flex = (x.is_cuda and not torch.is_grad_enabled()
+                    and flex_supported())
+        return 'flex' if use_flex else 'fast'
     if impl == 'flex' and not x.is_cuda:
         raise ValueError("impl='flex' needs CUDA inputs; use 'auto' or 'fast'")
     return impl
 
 
-_FLEX = {}
+def flex_supported() -> bool:
+    """Whether ``torch.nn.attention.flex_attention`` can be imported."""
+    if 'supported' not in _FLEX:
+        try:
+            import torch.nn.attention.flex_attention  # noqa: F401
+            _FLEX['supported'] = True
+        except ImportError:
+            _FLEX['supported'] = False
+    return _FLEX['supported']
 
 
 def flex_attention(*args, **kwargs):

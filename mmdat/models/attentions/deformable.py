@@ -12,6 +12,7 @@ Three exact formulations of the same computation:
 * ``flex`` (CUDA, opt-in): ``flex_attention`` with the bias computed inside
   the score function.
 """
+import functools
 from typing import Tuple
 
 import torch
@@ -21,11 +22,12 @@ from torch.utils.checkpoint import checkpoint
 
 from .common import (LayerNorm2d, check_impl, flex_attention,
                      normalized_grid, reference_grid, resolve_impl)
+from .ext import cpu_ops_available
 
 # Elements of the (query-chunk x keys) bias block per head-batch kept alive at
 # once by the fast path; bounds its peak memory at large resolutions. GPUs
 # have the memory and want large launches, CPUs want cache-sized chunks.
-_CHUNK_ELEMENTS = 1 << 21
+_CHUNK_ELEMENTS = 1 << 22
 _CHUNK_ELEMENTS_CUDA = 1 << 26
 
 
@@ -195,8 +197,8 @@ class DeformableAttention(nn.Module):
             if table.shape[-1] == 1:
                 table = torch.cat([table, table], 2)
             Ty, Tx = table.shape[-2:]
-            py = pos[..., 0].float().reshape(B, g, Ns)
-            px = pos[..., 1].float().reshape(B, g, Ns)
+            py = pos[..., 0].float().reshape(B, g, Ns).contiguous()
+            px = pos[..., 1].float().reshape(B, g, Ns).contiguous()
             # sizes as tensors, so that a new input size is not a new graph
             f32 = dict(dtype=torch.float32, device=q.device)
             consts = torch.tensor([
@@ -237,116 +239,175 @@ class DeformableAttention(nn.Module):
 
     # -------------------------------------------------------------- fast path
     def _attend_fast(self, q, k, v, pos, H, W):
-        # Works in the transposed (keys x queries) layout: q and the output
-        # stay (B*h, c, H*W) like the NCHW maps, and the bias gathers run
-        # along contiguous table rows.
+        # Queries are processed in chunks of rows; each chunk's bias is built
+        # in the (queries x keys) layout and handed to
+        # scaled_dot_product_attention as its additive mask, so neither the
+        # displacement nor the full bias/attention matrix ever exists.
         Bh, c, M = q.shape
-        Ns = k.shape[-1]
-        k = k.transpose(1, 2)  # (Bh, Ns, c)
-        in_range = self.offset_range_factor < 0
-        if self.use_pe and in_range:
-            table = self.rpe_table.to(q.dtype)
-            y0, fy = _corner(pos[..., 0], H, table.shape[-2])
-            x0, fx = _corner(pos[..., 1], W, table.shape[-1])
-        elif self.use_pe:
-            # tanh-bounded offsets (DAT v1) can leave the table: zero padding
-            # of the reference lookup
-            bias_all = self._bias_reference(pos, H, W).reshape(Bh, H, W, Ns)
-            bias_all = bias_all.permute(0, 3, 1, 2)
+        # (Bh, M, c) and (Bh, Ns, c), contiguous: the fused CPU kernel of
+        # scaled_dot_product_attention needs it (else the slow math path)
+        q = q.transpose(1, 2).contiguous()
+        k = k.transpose(1, 2).contiguous()
+        v = v.transpose(1, 2).contiguous()
+        if not self.use_pe:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+            return out.transpose(1, 2)
+        Ns = k.shape[1]
         rows = max(1, min(H, _chunk_elements(q.device) // max(1, Bh * W * Ns)))
-        grad = torch.is_grad_enabled() and rows < H
-        q = q.reshape(Bh, c, H, W)
-        outs = []
-        for i0 in range(0, H, rows):
-            i1 = min(H, i0 + rows)
-            if self.use_pe and in_range:
-                fn = self._chunk_with_bias
-                args = (q[:, :, i0:i1], k, v, table, y0[..., i0:i1],
-                        fy[..., i0:i1], x0, fx)
-            elif self.use_pe:
-                fn = self._chunk_with_given_bias
-                args = (q[:, :, i0:i1], k, v, bias_all[:, :, i0:i1])
-            else:
-                fn = self._chunk_plain
-                args = (q[:, :, i0:i1], k, v)
-            if grad and any(t.requires_grad for t in args):
-                # Recompute the chunk in backward instead of keeping every
-                # chunk's bias and attention block alive: this is what bounds
-                # training memory.
-                outs.append(checkpoint(fn, *args, use_reentrant=False))
-            else:
-                outs.append(fn(*args))
-        out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-        return out.reshape(Bh, c, M)
+        if self.offset_range_factor >= 0:
+            # tanh-bounded offsets (DAT v1) can leave the table: zero padding
+            # of the reference lookup, materialised once
+            bias = self._bias_reference(pos, H, W)
+            chunk = functools.partial(_plain_chunk, scale=self.scale)
+            return _over_row_chunks(
+                lambda i0, i1: chunk(q[:, i0 * W:i1 * W], k, v,
+                                     bias[:, i0 * W:i1 * W]), H, rows, Bh, c)
+        table = self.rpe_table.to(q.dtype)
+        # padded to >= 2 wide so that both bilinear corners always exist
+        table = table.repeat(1, 2 if table.shape[1] == 1 else 1,
+                             2 if table.shape[2] == 1 else 1)
+        table = table.reshape(self.num_groups, self.heads_per_group,
+                              *table.shape[1:])
+        y0, fy = _corner(pos[..., 0], H, self.rpe_table.shape[1])
+        x0, fx = _corner(pos[..., 1], W, self.rpe_table.shape[2])
+        fy, fx = fy.to(table.dtype), fx.to(table.dtype)
+        fused = (q.device.type == 'cpu' and cpu_ops_available()
+                 and not _compiling())
+        x0_int = x0.int() if fused else x0
 
-    def _chunk_plain(self, q, k, v):
-        Bh, c, r, W = q.shape
-        out = F.scaled_dot_product_attention(
-            q.reshape(Bh, c, r * W).transpose(1, 2), k, v.transpose(1, 2),
-            scale=self.scale)
-        return out.transpose(1, 2).reshape(Bh, c, r, W)
+        def chunk(i0, i1):
+            args = (q[:, i0 * W:i1 * W], k, v, table, y0[:, i0:i1],
+                    fy[:, i0:i1], x0_int, fx, self.scale)
+            if fused:
+                return _BiasedAttention.apply(*args)
+            if torch.is_grad_enabled() and rows < H and any(
+                    t.requires_grad for t in args[:8]):
+                # recompute the chunk in backward instead of keeping every
+                # chunk's bias and attention block alive
+                return checkpoint(_biased_chunk, *args, use_reentrant=False)
+            return _biased_chunk(*args)
 
-    def _chunk_with_given_bias(self, q, k, v, bias):
-        """``bias``: (Bh, Ns, r, W); returns (Bh, c, r, W)."""
-        Bh, c, r, W = q.shape
-        attn = torch.baddbmm(bias.reshape(Bh, -1, r * W), k,
-                             q.reshape(Bh, c, r * W), alpha=self.scale)
-        attn = attn.softmax(dim=1)
-        return torch.bmm(v, attn).reshape(Bh, c, r, W)
+        return _over_row_chunks(chunk, H, rows, Bh, c)
 
-    def _chunk_with_bias(self, q, k, v, table, y0, fy, x0, fx):
-        bias = _separable_bias(table, self.num_groups, y0, fy, x0, fx)
-        return self._chunk_with_given_bias(q, k, v, bias)
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _over_row_chunks(chunk, H: int, rows: int, Bh: int, c: int):
+    """Concatenate ``chunk(i0, i1)`` outputs ``(Bh, rows*W, c)`` over the
+    query rows; returns ``(Bh, c, H*W)``."""
+    outs = [chunk(i0, min(H, i0 + rows)) for i0 in range(0, H, rows)]
+    out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+    return out.transpose(1, 2)
 
 
 def _corner(p: torch.Tensor, n_query: int, size: int):
-    """Table corners and fraction of the bias lookup along one axis.
+    """Table corner and fraction of the bias lookup along one axis.
 
     ``p``: key positions ``(B*g, Hk, Wk)`` along this axis, in [-1, 1]. The
     displacement ``(query - p) / 2`` lies in [-1, 1] and maps, as in
     ``grid_sample`` with ``align_corners=True``, to table coordinate
-    ``u = (d + 1) / 2 * (size - 1)`` in ``[0, size - 1]``. Returns corner
-    indices ``(2, B*g, Ns, n)`` (``i0 = min(floor(u), size - 2)`` and
-    ``i0 + 1``, clamped for a 1-wide table) and ``u - i0`` ``(B*g, Ns, n)``.
+    ``u = (d + 1) / 2 * (size - 1)`` in ``[0, size - 1]``. Returns the lower
+    corner ``i0 = min(floor(u), max(size - 2, 0))`` (the upper one is
+    ``i0 + 1`` in a table padded to >= 2) and ``u - i0``, both
+    ``(B*g, n_query, Ns)``.
     """
     Bg = p.shape[0]
     qs = normalized_grid(n_query, p.dtype, p.device)
-    disp = (qs.view(1, 1, -1) - p.reshape(Bg, -1, 1)) * 0.5
+    disp = (qs.view(1, -1, 1) - p.reshape(Bg, 1, -1)) * 0.5
     u = (disp + 1) * 0.5 * (size - 1)
     i0 = u.detach().floor().clamp(0, max(size - 2, 0))
-    frac = u - i0
-    i0 = i0.long()
-    return torch.stack((i0, (i0 + 1).clamp(max=size - 1))), frac
+    return i0.long(), u - i0
 
 
-def _separable_bias(table, groups, y0, fy, x0, fx):
-    """Bilinear lookup of ``table`` (h, Ty, Tx) for a chunk of query rows.
+def _table_rows(table, y0, fy):
+    """Row part of the lookup: ``(B*g, hg, r, Ns, Tx)``, the table row
+    interpolated at every (query row, key). ``table``: ``(g, hg, Ty, Tx)``;
+    ``y0``/``fy``: ``(B*g, r, Ns)``."""
+    g, hg = table.shape[:2]
+    Bg = y0.shape[0]
+    gi = (torch.arange(Bg, device=y0.device) % g).view(Bg, 1, 1, 1)
+    hi = torch.arange(hg, device=y0.device).view(1, hg, 1, 1)
+    y = y0[:, None]
+    return torch.lerp(table[gi, hi, y], table[gi, hi, y + 1],
+                      fy[:, None, :, :, None])
 
-    The reference samples the table at ``(query - pos) / 2`` for every
-    (query, key) pair; the y part depends only on (query row, key) and the x
-    part only on (query column, key), so the lookup splits into a row
-    interpolation per (key, row) and a 2-tap column interpolation per
-    (key, row, column), gathered along contiguous table rows.
-    ``y0``: ``(2, B*g, Ns, r)``, ``fy``: ``(B*g, Ns, r)``; ``x0``:
-    ``(2, B*g, Ns, W)``, ``fx``: ``(B*g, Ns, W)``.
-    Returns the bias ``(B*h, Ns, r, W)``.
+
+def _column_lerp(rows, x0, fx):
+    """Column part, pure PyTorch: ``(B*g, hg, r, W, Ns)`` from ``rows``
+    ``(B*g, hg, r, Ns, Tx)`` and ``x0``/``fx`` ``(B*g, W, Ns)``. The same
+    as the fused ``torch.ops.mmdat.deform_bias``."""
+    Bg, hg, r, Ns, Tx = rows.shape
+    W = x0.shape[1]
+    flat = rows.reshape(Bg, hg, r, Ns * Tx)
+    idx = (x0 + torch.arange(Ns, device=x0.device) * Tx).reshape(Bg, 1, 1, -1)
+    shape = (Bg, hg, r, W * Ns)
+    idx = idx.expand(shape)
+    out = torch.lerp(torch.gather(flat, 3, idx), torch.gather(flat, 3, idx + 1),
+                     fx.reshape(Bg, 1, 1, -1).expand(shape))
+    return out.reshape(Bg, hg, r, W, Ns)
+
+
+def _biased_chunk(q, k, v, table, y0, fy, x0, fx, scale):
+    """One chunk of queries ``(Bh, r*W, c)``, pure PyTorch (differentiable)."""
+    bias = _column_lerp(_table_rows(table, y0, fy), x0, fx)
+    return _plain_chunk(q, k, v, bias.reshape(q.shape[0], q.shape[1], -1),
+                        scale)
+
+
+def _plain_chunk(q, k, v, bias, scale):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
+class _BiasedAttention(torch.autograd.Function):
+    """One chunk of queries with the fused CPU bias kernel.
+
+    Forward: bias (fused kernel) + ``scaled_dot_product_attention``; only
+    the inputs and the output are kept. Backward recomputes the bias and the
+    attention probabilities of the chunk and applies the softmax-attention
+    gradient by hand, so nothing of size (queries x keys) outlives a chunk.
     """
-    h, Ty, Tx = table.shape
-    Bg, Ns, r = fy.shape
-    W = fx.shape[-1]
-    hg = h // groups
-    B = Bg // groups
-    tbl = table.reshape(groups, hg, Ty, Tx)
-    g_idx = torch.arange(groups, device=table.device).view(1, groups, 1, 1)
-    y = y0.reshape(2, B, groups, Ns, r)
-    # (B, g, Ns, r, hg, Tx): table rows at the two row corners
-    t0 = tbl[g_idx, :, y[0]]
-    t1 = tbl[g_idx, :, y[1]]
-    rows = torch.lerp(t0, t1, fy.reshape(B, groups, Ns, r, 1, 1))
-    rows = rows.permute(0, 1, 4, 2, 3, 5)  # (B, g, hg, Ns, r, Tx)
-    shape = (B, groups, hg, Ns, r, W)
-    x = x0.reshape(2, B, groups, 1, Ns, 1, W)
-    v0 = torch.gather(rows, 5, x[0].expand(shape))
-    v1 = torch.gather(rows, 5, x[1].expand(shape))
-    wx = fx.reshape(B, groups, 1, Ns, 1, W).expand(shape)
-    return torch.lerp(v0, v1, wx).reshape(Bg * hg, Ns, r, W)
+
+    @staticmethod
+    def forward(ctx, q, k, v, table, y0, fy, x0, fx, scale):
+        rows = _table_rows(table, y0, fy)
+        bias = torch.ops.mmdat.deform_bias(rows, x0, fx)
+        out = _plain_chunk(q, k, v, bias.reshape(q.shape[0], q.shape[1], -1),
+                           scale)
+        ctx.save_for_backward(q, k, v, table, y0, fy, x0, fx, out)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, table, y0, fy, x0, fx, out = ctx.saved_tensors
+        scale = ctx.scale
+        with torch.enable_grad():
+            table_ = table.detach().requires_grad_(ctx.needs_input_grad[3])
+            fy_ = fy.detach().requires_grad_(ctx.needs_input_grad[5])
+            rows = _table_rows(table_, y0, fy_)
+        bias = torch.ops.mmdat.deform_bias(rows.detach(), x0, fx)
+        attn = torch.baddbmm(bias.reshape(q.shape[0], q.shape[1], -1), q,
+                             k.transpose(1, 2), alpha=scale).softmax(-1)
+        grad_out = grad_out.to(q.dtype)
+        grad_v = torch.bmm(attn.transpose(1, 2), grad_out)
+        grad_attn = torch.bmm(grad_out, v.transpose(1, 2))
+        delta = (grad_out * out).sum(-1, keepdim=True)
+        grad_logits = grad_attn.sub_(delta).mul_(attn)  # softmax backward
+        del attn
+        grad_q = torch.bmm(grad_logits, k).mul_(scale)
+        grad_k = torch.bmm(grad_logits.transpose(1, 2), q).mul_(scale)
+        grad_table = grad_fy = None
+        grad_fx = None
+        if any(ctx.needs_input_grad[i] for i in (3, 5, 7)):
+            grad_rows, grad_fx = torch.ops.mmdat.deform_bias_backward(
+                grad_logits, rows.detach(), x0, fx)
+            wanted = [t for t in (table_, fy_) if t.requires_grad]
+            if wanted:
+                grads = iter(torch.autograd.grad(rows, wanted, grad_rows))
+                grad_table = next(grads) if table_.requires_grad else None
+                grad_fy = next(grads) if fy_.requires_grad else None
+        return (grad_q, grad_k, grad_v, grad_table, None, grad_fy, None,
+                grad_fx, None)
