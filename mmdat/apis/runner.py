@@ -7,7 +7,9 @@ OpenMMLab library (mmdet, mmseg or mmpretrain) the config belongs to:
   ``mmdat`` (it registers the ``DAT`` backbone), resolves ``default_scope`` and
   registers the matching library's modules.
 * :func:`build_runner` builds ``Runner`` (or ``cfg.runner_type``) after
-  :func:`prepare_dist` made the config runnable without CUDA.
+  :func:`prepare_dist` made the config runnable without CUDA and
+  :func:`add_iteration_seed_hook` made resumed runs draw the same random
+  numbers as uninterrupted ones.
 * :func:`setup_work_dir`, :func:`apply_amp`, :func:`apply_auto_scale_lr`,
   :func:`apply_resume`, :func:`enable_visualization`, :func:`apply_tta` and
   :func:`add_dump_results` translate the command line options of the tools.
@@ -40,7 +42,7 @@ __all__ = [
     'SUPPORTED_SCOPES', 'load_config', 'resolve_scope', 'build_runner',
     'setup_work_dir', 'apply_amp', 'apply_auto_scale_lr', 'apply_resume',
     'prepare_dist', 'enable_visualization', 'apply_tta', 'add_dump_results',
-    'apply_out_before_build',
+    'apply_out_before_build', 'add_iteration_seed_hook',
     'install_checkpoint_loader', 'trust_checkpoint_path',
     'checkpoint_safe_globals', 'CPUDistributedDataParallel',
     'CPUAmpOptimWrapper'
@@ -278,12 +280,27 @@ def _init_cpu_process_group(cfg: Config) -> None:
     dist.init_process_group(backend=backend, **kwargs)
 
 
+def add_iteration_seed_hook(cfg: Config) -> Config:
+    """Append :class:`~mmdat.apis.hooks.IterationSeedHook` to
+    ``cfg.custom_hooks`` unless the config lists it already: a run resumed
+    from a checkpoint then draws the same random numbers (drop path, ...) as
+    the uninterrupted run."""
+    hooks = list(cfg.get('custom_hooks', None) or [])
+    if not any(str(h.get('type', '')).split('.')[-1] == 'IterationSeedHook'
+               for h in hooks):
+        hooks.append(dict(type='IterationSeedHook'))
+    cfg.custom_hooks = hooks
+    return cfg
+
+
 def build_runner(cfg: Config):
     """Build the runner the way mmdet's ``tools/train.py`` does:
     ``Runner.from_cfg(cfg)`` unless ``cfg.runner_type`` is set, in which case
-    ``RUNNERS.build(cfg)`` (resolved in the config's ``default_scope``)."""
+    ``RUNNERS.build(cfg)`` (resolved in the config's ``default_scope``).
+    :func:`add_iteration_seed_hook` is applied first."""
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
+    add_iteration_seed_hook(cfg)
     prepare_dist(cfg)
     _init_cpu_process_group(cfg)
     install_checkpoint_loader()

@@ -11,6 +11,16 @@ Official files come in three shapes:
 mmdat's classifier is mmpretrain's ``ImageClassifier`` whose backbone returns
 ``norms.3(stage 4)`` (= ``cls_norm``) and whose ``LinearClsHead`` holds ``fc``
 (= ``cls_head``).
+
+Dense checkpoints keep their key names: no parameter or buffer of the necks
+and heads our configs use was renamed from mmdet 2.26 to 3.3 (FPN, RPNHead,
+StandardRoIHead / CascadeRoIHead with Shared2FC / Shared4Conv1FC bbox heads
+and FCNMaskHead, RetinaHead) or from mmseg 0.29 to 1.2.2 (FPN, UPerHead,
+FCNHead, FPNHead); mmdet 3 and mmseg 1 load their own 2.x / 0.x model-zoo
+files unchanged for the same reason. Everything else of an official file
+(``optimizer``, ``meta`` apart from the class names, the ``attn_mask``
+buffers) is left behind; ``CLASSES``/``PALETTE`` of the old ``meta`` become
+the OpenMMLab 2 ``meta['dataset_meta']`` (see :func:`dataset_meta_of`).
 """
 import os
 import pickle
@@ -108,6 +118,22 @@ def convert_official(ckpt: dict, path: str = '<checkpoint>'
                 out['backbone.' + k] = v
         return kind, out
     return kind, _clean(ckpt['state_dict'])
+
+
+def dataset_meta_of(ckpt: dict) -> Optional[dict]:
+    """OpenMMLab 2 ``dataset_meta`` (``classes``, ``palette``) from the
+    ``meta`` of an mmdet 2 / mmseg 0 file (``CLASSES``, ``PALETTE``), or the
+    ``dataset_meta`` a newer file already has; None when there is none."""
+    meta = ckpt.get('meta')
+    if not isinstance(meta, dict):
+        return None
+    if isinstance(meta.get('dataset_meta'), dict):
+        return dict(meta['dataset_meta'])
+    out = {}
+    for old, new in (('CLASSES', 'classes'), ('PALETTE', 'palette')):
+        if meta.get(old) is not None:
+            out[new] = meta[old]
+    return out or None
 
 
 def backbone_state_dict(ckpt: dict, path: str = '<checkpoint>',

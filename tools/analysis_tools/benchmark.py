@@ -2,10 +2,14 @@
 """Time and memory of the DAT backbone (or its attention modules) against the
 reference attention path and mmdet's Swin-T, in one run.
 
-Each measurement runs in a fresh process so that peak memory is its own:
-peak RSS growth over the process's footprint after building the model and
-input (CPU), or ``torch.cuda.max_memory_allocated`` growth (CUDA). Times are
-medians over ``--repeat`` runs after ``--warmup`` runs.
+Each measurement runs in a fresh process so that peak memory is its own.
+CPU: peak RSS growth during the timed runs over the footprint after the
+warm-up runs (the kernel's peak counter is restarted there through
+``/proc/self/clear_refs``, and freed heap is handed back first), so that
+one-time costs -- library code paged in, kernels built on first use -- do
+not count; where that counter cannot be restarted, the growth over the
+footprint before the warm-up. CUDA: ``torch.cuda.max_memory_allocated``
+growth. Times are medians over ``--repeat`` runs after ``--warmup`` runs.
 
 Examples:
   python tools/analysis_tools/benchmark.py --arch tiny --shape 1 3 800 1216 --mode infer
@@ -31,6 +35,32 @@ VARIANTS = ('auto', 'fast', 'reference', 'swin')
 def _rss_bytes() -> int:
     with open('/proc/self/statm') as f:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+def _restart_peak_rss() -> bool:
+    """Give freed heap back, then restart the kernel's peak-RSS counter
+    (VmHWM) at the current RSS; False where that is not possible."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        return False
+    return True
+
+
+def _peak_rss_bytes() -> int:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _build(target: str, variant: str, arch, shape):
@@ -85,22 +115,24 @@ def _measure(job: dict) -> Optional[dict]:
         if device.type == 'cuda':
             torch.cuda.synchronize()
 
+    base = _rss_bytes() if device.type == 'cpu' else 0
+    for _ in range(job['warmup']):
+        step()
     if device.type == 'cuda':
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
+    elif _restart_peak_rss():
         base = _rss_bytes()
     times = []
-    for i in range(job['warmup'] + job['repeat']):
+    for _ in range(job['repeat']):
         t0 = time.perf_counter()
         step()
-        if i >= job['warmup']:
-            times.append(time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0)
     if device.type == 'cuda':
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = _peak_rss_bytes() - base
     return dict(time_s=statistics.median(times), times_s=times,
                 peak_mb=peak / 2**20)
 

@@ -6,6 +6,8 @@ official detection (mmdet 2.x) / segmentation (mmseg 0.x) files
 (``{'state_dict': ...}`` with a ``backbone.`` prefix). The result loads with
 ``mmengine.runner.load_checkpoint`` into the model of the matching mmdat
 config (mmpretrain ``ImageClassifier``, mmdet detector, mmseg segmentor).
+Only the weights and the class names (``meta['dataset_meta']``) are written;
+an ``optimizer`` state and the rest of the old ``meta`` are dropped.
 
 Usage: python tools/model_converters/dat2mmdat.py SRC DST
 """
@@ -27,7 +29,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from mmengine.utils import ProgressBar
 
-    from mmdat.utils.checkpoint import convert_official, read_checkpoint
+    from mmdat.utils.checkpoint import (convert_official, dataset_meta_of,
+                                        read_checkpoint)
     try:
         ckpt = read_checkpoint(args.src)
         kind, sd = convert_official(ckpt, args.src)
@@ -35,17 +38,23 @@ def main(argv=None) -> int:
         print(f'error: {exc}', file=sys.stderr)
         return 1
     print(f'{args.src}: {kind}, {len(sd)} tensors')
+    dataset_meta = dataset_meta_of(ckpt)
+    del ckpt  # may hold an optimizer state as large as the model again
     out = {}
     bar = ProgressBar(len(sd), file=sys.stderr)
-    for k, v in sd.items():
-        out[k] = v.detach().clone().contiguous()
+    for k in list(sd):
+        # own storage per tensor (a view would save its whole base); pop so
+        # that at most one tensor is held twice
+        out[k] = sd.pop(k).detach().clone().contiguous()
         bar.update()
     sys.stderr.write('\n')
     os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
     tmp = args.dst + '.tmp'
-    torch.save({'state_dict': out,
-                'meta': dict(mmdat_converted=True, source_kind=kind,
-                             source=os.path.basename(args.src))}, tmp)
+    meta = dict(mmdat_converted=True, source_kind=kind,
+                source=os.path.basename(args.src))
+    if dataset_meta:
+        meta['dataset_meta'] = dataset_meta
+    torch.save({'state_dict': out, 'meta': meta}, tmp)
     os.replace(tmp, args.dst)  # never leave a half-written DST behind
     print(f'saved {args.dst}')
     return 0

@@ -97,7 +97,11 @@ class DeformableAttention(nn.Module):
             # unpadded offset conv (ks == stride) on a map smaller than its
             # kernel: zero-pad bottom/right so that one key is still sampled
             q_off = F.pad(q_off, (0, max(0, ks - W), 0, max(0, ks - H)))
-        offset = self.conv_offset(q_off)
+        # Positions are kept in at least float32 under autocast: in bf16 a
+        # coordinate near 1 is only known to 2^-8, half a cell of the 111-wide
+        # stage-1 bias table.
+        offset = self.conv_offset(q_off).to(
+            torch.promote_types(q.dtype, torch.float32))
         Hk, Wk = offset.shape[-2:]
         if self.offset_range_factor >= 0 and not self.no_off:
             rng = offset.new_tensor([1.0 / max(Hk - 1, 1),
@@ -105,8 +109,8 @@ class DeformableAttention(nn.Module):
             offset = offset.tanh() * rng * self.offset_range_factor
         offset = offset.permute(0, 2, 3, 1)
         ref = torch.stack(torch.meshgrid(
-            reference_grid(Hk, q.dtype, q.device),
-            reference_grid(Wk, q.dtype, q.device), indexing='ij'), dim=-1)
+            reference_grid(Hk, offset.dtype, q.device),
+            reference_grid(Wk, offset.dtype, q.device), indexing='ij'), dim=-1)
         if self.no_off:
             offset = torch.zeros_like(offset)
         pos = offset + ref
@@ -262,7 +266,7 @@ class DeformableAttention(nn.Module):
             return _over_row_chunks(
                 lambda i0, i1: chunk(q[:, i0 * W:i1 * W], k, v,
                                      bias[:, i0 * W:i1 * W]), H, rows, Bh, c)
-        table = self.rpe_table.to(q.dtype)
+        table = self.rpe_table.to(pos.dtype)  # the bias in >= float32
         # padded to >= 2 wide so that both bilinear corners always exist
         table = table.repeat(1, 2 if table.shape[1] == 1 else 1,
                              2 if table.shape[2] == 1 else 1)
@@ -270,16 +274,15 @@ class DeformableAttention(nn.Module):
                               *table.shape[1:])
         y0, fy = _corner(pos[..., 0], H, self.rpe_table.shape[1])
         x0, fx = _corner(pos[..., 1], W, self.rpe_table.shape[2])
-        fy, fx = fy.to(table.dtype), fx.to(table.dtype)
-        fused = (q.device.type == 'cpu' and cpu_ops_available()
-                 and not _compiling())
-        x0_int = x0.int() if fused else x0
+        if (q.device.type == 'cpu' and cpu_ops_available()
+                and not _compiling()):
+            out = _BiasedAttention.apply(q, k, v, table, y0, fy, x0.int(), fx,
+                                         self.scale, rows)
+            return out.transpose(1, 2)
 
         def chunk(i0, i1):
             args = (q[:, i0 * W:i1 * W], k, v, table, y0[:, i0:i1],
-                    fy[:, i0:i1], x0_int, fx, self.scale)
-            if fused:
-                return _BiasedAttention.apply(*args)
+                    fy[:, i0:i1], x0, fx, self.scale)
             if torch.is_grad_enabled() and rows < H and any(
                     t.requires_grad for t in args[:8]):
                 # recompute the chunk in backward instead of keeping every
@@ -357,57 +360,85 @@ def _biased_chunk(q, k, v, table, y0, fy, x0, fx, scale):
 
 
 def _plain_chunk(q, k, v, bias, scale):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
+                                          scale=scale)
 
 
 class _BiasedAttention(torch.autograd.Function):
-    """One chunk of queries with the fused CPU bias kernel.
+    """Deformable attention with the fused CPU bias kernel, chunk by chunk
+    of ``rows`` query rows.
 
-    Forward: bias (fused kernel) + ``scaled_dot_product_attention``; only
-    the inputs and the output are kept. Backward recomputes the bias and the
-    attention probabilities of the chunk and applies the softmax-attention
-    gradient by hand, so nothing of size (queries x keys) outlives a chunk.
+    Forward: per chunk, bias (fused kernel) + ``scaled_dot_product_attention``
+    into one preallocated output; only the inputs and the output are kept.
+    Backward recomputes each chunk's bias and attention probabilities and
+    applies the softmax-attention gradient by hand, into preallocated
+    gradients, so nothing of size (queries x keys) outlives a chunk and the
+    same-sized chunk buffers are reused by the allocator.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, table, y0, fy, x0, fx, scale):
-        rows = _table_rows(table, y0, fy)
-        bias = torch.ops.mmdat.deform_bias(rows, x0, fx)
-        out = _plain_chunk(q, k, v, bias.reshape(q.shape[0], q.shape[1], -1),
-                           scale)
+    def forward(ctx, q, k, v, table, y0, fy, x0, fx, scale, rows):
+        Bh, M, c = q.shape
+        H = y0.shape[1]
+        W = M // H
+        out = q.new_empty(Bh, M, c)
+        for i0 in range(0, H, rows):
+            i1 = min(H, i0 + rows)
+            bias = torch.ops.mmdat.deform_bias(
+                _table_rows(table, y0[:, i0:i1], fy[:, i0:i1]), x0, fx)
+            out[:, i0 * W:i1 * W] = _plain_chunk(
+                q[:, i0 * W:i1 * W], k, v, bias.reshape(Bh, -1, k.shape[1]),
+                scale)
+            del bias
         ctx.save_for_backward(q, k, v, table, y0, fy, x0, fx, out)
-        ctx.scale = scale
+        ctx.scale, ctx.rows = scale, rows
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q, k, v, table, y0, fy, x0, fx, out = ctx.saved_tensors
-        scale = ctx.scale
-        with torch.enable_grad():
-            table_ = table.detach().requires_grad_(ctx.needs_input_grad[3])
-            fy_ = fy.detach().requires_grad_(ctx.needs_input_grad[5])
-            rows = _table_rows(table_, y0, fy_)
-        bias = torch.ops.mmdat.deform_bias(rows.detach(), x0, fx)
-        attn = torch.baddbmm(bias.reshape(q.shape[0], q.shape[1], -1), q,
-                             k.transpose(1, 2), alpha=scale).softmax(-1)
+        scale, rows = ctx.scale, ctx.rows
+        Bh, M, c = q.shape
+        H = y0.shape[1]
+        W = M // H
+        need_bias = any(ctx.needs_input_grad[i] for i in (3, 5, 7))
         grad_out = grad_out.to(q.dtype)
-        grad_v = torch.bmm(attn.transpose(1, 2), grad_out)
-        grad_attn = torch.bmm(grad_out, v.transpose(1, 2))
-        delta = (grad_out * out).sum(-1, keepdim=True)
-        grad_logits = grad_attn.sub_(delta).mul_(attn)  # softmax backward
-        del attn
-        grad_q = torch.bmm(grad_logits, k).mul_(scale)
-        grad_k = torch.bmm(grad_logits.transpose(1, 2), q).mul_(scale)
-        grad_table = grad_fy = None
-        grad_fx = None
-        if any(ctx.needs_input_grad[i] for i in (3, 5, 7)):
-            grad_rows, grad_fx = torch.ops.mmdat.deform_bias_backward(
-                grad_logits, rows.detach(), x0, fx)
-            wanted = [t for t in (table_, fy_) if t.requires_grad]
-            if wanted:
-                grads = iter(torch.autograd.grad(rows, wanted, grad_rows))
-                grad_table = next(grads) if table_.requires_grad else None
-                grad_fy = next(grads) if fy_.requires_grad else None
+        grad_q = torch.empty_like(q)
+        grad_k = torch.zeros_like(k)
+        grad_v = torch.zeros_like(v)
+        grad_table = torch.zeros_like(table) if need_bias else None
+        grad_fy = torch.zeros_like(fy) if need_bias else None
+        grad_fx = torch.zeros_like(fx) if need_bias else None
+        for i0 in range(0, H, rows):
+            i1 = min(H, i0 + rows)
+            sl = slice(i0 * W, i1 * W)
+            q_c, go_c = q[:, sl], grad_out[:, sl]
+            with torch.enable_grad():
+                table_ = table.detach().requires_grad_(need_bias)
+                fy_ = fy[:, i0:i1].detach().requires_grad_(need_bias)
+                rows_c = _table_rows(table_, y0[:, i0:i1], fy_)
+            bias = torch.ops.mmdat.deform_bias(rows_c.detach(), x0, fx)
+            bias = bias.reshape(Bh, -1, k.shape[1]).to(q.dtype)
+            attn = torch.baddbmm(bias, q_c, k.transpose(1, 2), alpha=scale)
+            del bias
+            attn = attn.softmax(-1)
+            grad_v.baddbmm_(attn.transpose(1, 2), go_c)
+            grad_attn = torch.bmm(go_c, v.transpose(1, 2))
+            delta = (go_c * out[:, sl]).sum(-1, keepdim=True)
+            grad_logits = grad_attn.sub_(delta).mul_(attn)  # softmax backward
+            del attn
+            torch.bmm(grad_logits, k, out=grad_q[:, sl])
+            grad_k.baddbmm_(grad_logits.transpose(1, 2), q_c, alpha=scale)
+            if need_bias:
+                grad_rows, g_fx = torch.ops.mmdat.deform_bias_backward(
+                    grad_logits, rows_c.detach(), x0, fx)
+                del grad_logits
+                g_table, g_fy = torch.autograd.grad(rows_c, (table_, fy_),
+                                                    grad_rows)
+                grad_table += g_table
+                grad_fy[:, i0:i1] = g_fy
+                grad_fx += g_fx
+        grad_q.mul_(scale)
         return (grad_q, grad_k, grad_v, grad_table, None, grad_fy, None,
-                grad_fx, None)
+                grad_fx, None, None)

@@ -1,18 +1,25 @@
 """Optional compiled CPU kernels, built on first use.
 
-``csrc/deform_bias.cpp`` is compiled with the system C++ compiler through
-``torch.utils.cpp_extension`` (cached under ``~/.cache/torch_extensions``;
-about 10 s once). Where no compiler is available, or with
+``csrc/*.cpp`` (the deformable attention's bias lookup, neighborhood
+attention) are compiled with the system C++ compiler through
+``torch.utils.cpp_extension`` for this CPU (``-march=native``), cached under
+``~/.cache/torch_extensions`` in a directory named after the CPU's features,
+so that a home directory shared between different machines never hands one
+of them code for another's instruction set (about 20 s, once). Where no compiler is available, or with
 ``MMDAT_NO_EXT=1``, the attention falls back to its pure-PyTorch path with a
 single warning: same results, slower.
 """
+import glob
+import hashlib
 import logging
 import os
+import platform
 import warnings
 
 import torch
 
-_SRC = os.path.join(os.path.dirname(__file__), 'csrc', 'deform_bias.cpp')
+_SRCS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), 'csrc',
+                                      '*.cpp')))
 _STATE = {}
 
 
@@ -26,7 +33,7 @@ def cpu_ops_available() -> bool:
 def _load() -> bool:
     if os.environ.get('MMDAT_NO_EXT', '') not in ('', '0'):
         return False
-    if hasattr(torch.ops.mmdat, 'deform_bias'):
+    if hasattr(torch.ops.mmdat, 'neighborhood_attention'):
         return True  # already registered in this process
     log = logging.getLogger('torch.utils.cpp_extension')
     level = log.level
@@ -35,8 +42,8 @@ def _load() -> bool:
         from torch.utils.cpp_extension import load
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
-            load(name='mmdat_cpu_ops', sources=[_SRC],
-                 extra_cflags=['-O3', '-fopenmp'],
+            load(name=f'mmdat_cpu_ops_{_cpu_tag()}', sources=_SRCS,
+                 extra_cflags=['-O3', '-march=native', '-fopenmp'],
                  extra_ldflags=['-fopenmp'], is_python_module=False,
                  verbose=False)
         return True
@@ -50,3 +57,18 @@ def _load() -> bool:
         return False
     finally:
         log.setLevel(level)
+
+
+def _cpu_tag() -> str:
+    """Short hash of the CPU model and feature flags."""
+    info = platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith(('model name', 'flags', 'Features')):
+                    info += line
+                if line.startswith(('flags', 'Features')):
+                    break
+    except OSError:
+        info += platform.processor()
+    return hashlib.sha1(info.encode()).hexdigest()[:10]

@@ -7,7 +7,9 @@ slides inward at the borders (never padded), with a relative position bias
 zero-padded on the bottom/right first and cropped back afterwards.
 
 * ``reference``: gathers every query's ``k x k`` keys explicitly.
-* ``fast`` (the default): queries are cut into ``T x T`` tiles; each tile
+* ``fast`` (the default): on CPU, a fused C++ kernel (``csrc/``, built on
+  first use) that walks each query's window directly. Elsewhere, or where
+  the kernel cannot be built, queries are cut into ``T x T`` tiles; each tile
   attends to the ``(T+k-1)^2`` halo that holds all its windows, with an
   additive mask (bias inside the window, -inf outside) through
   ``scaled_dot_product_attention``. Tiles fall into a handful of border
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 
 from .common import (check_impl, create_block_mask, flex_attention,
                      resolve_impl)
+from .ext import cpu_ops_available
 
 
 def window_starts(n: int, k: int, device=None) -> torch.Tensor:
@@ -64,6 +67,10 @@ class NeighborhoodAttention(nn.Module):
             out = self._attend_reference(q, kk, v)
         elif impl == 'flex':
             out = self._attend_flex(q, kk, v)
+        elif (x.device.type == 'cpu' and cpu_ops_available()
+              and not torch.compiler.is_compiling()):
+            out = _FusedNeighborhoodAttention.apply(
+                q, kk, v, self.rpb, self.kernel_size, self.scale)
         else:
             out = self._attend_tiled(q, kk, v)
         out = out.permute(0, 2, 3, 1, 4).reshape(B, Hp, Wp, C)
@@ -153,6 +160,28 @@ class NeighborhoodAttention(nn.Module):
                         crel.clamp(min=0)[None, :, None, :]].to(dtype)
         bias = bias.masked_fill(~valid, float('-inf'))
         return bias.reshape(-1, T * T, Lh * Lw)
+
+
+class _FusedNeighborhoodAttention(torch.autograd.Function):
+    """``torch.ops.mmdat.neighborhood_attention`` with its backward; keeps
+    the ``k*k`` attention weights per query for the backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rpb, ks: int, scale: float):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out, attn = torch.ops.mmdat.neighborhood_attention(
+            q, k, v, rpb.to(q.dtype), ks, scale)
+        ctx.save_for_backward(q, k, v, attn)
+        ctx.ks, ctx.scale, ctx.rpb_dtype = ks, scale, rpb.dtype
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, attn = ctx.saved_tensors
+        dq, dk, dv, drpb = torch.ops.mmdat.neighborhood_attention_backward(
+            grad_out, q, k, v, attn, ctx.ks, ctx.scale)
+        return dq, dk, dv, drpb.to(ctx.rpb_dtype), None, None
 
 
 _BLOCK_MASKS = {}

@@ -1,0 +1,120 @@
+"""Packaging for openmim: ``mmdat/.mim`` holds ``model-index.yml``,
+``configs`` and ``tools`` (made by ``add_mim_extension`` in setup.py).
+
+* Editable install: links to the repository's files (skipped while
+  ``mmdat/.mim`` does not exist; ``pip install -e . --no-deps
+  --no-build-isolation`` makes it).
+* Wheel, built from a copy of the sources without network: it holds copies
+  of every config, metafile and tool, and once installed (into a temporary
+  ``--target`` put first on ``PYTHONPATH``) ``mim search mmdat`` lists every
+  config of the model index.
+
+openmim 0.3.9 looks for ``<distribution location>/mmdat/.mim`` with
+``pkg_resources``; a PEP 660 editable install (pip >= 21.3 with setuptools
+>= 64, as here) keeps its metadata in site-packages and its code in the
+repository, so ``mim search mmdat`` only works for regular installs.
+"""
+import glob
+import os
+import os.path as osp
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from test_model_index import _non_demo_configs
+
+MIM = ROOT / 'mmdat' / '.mim'
+MIM_FILES = ('model-index.yml', 'configs', 'tools')
+SOURCES = ('setup.py', 'README.md', 'MANIFEST.in', 'requirements.txt',
+           'model-index.yml', 'configs', 'tools', 'mmdat')
+
+
+def _expected_names():
+    return sorted(osp.splitext(osp.basename(p))[0]
+                  for p in _non_demo_configs())
+
+
+def _packaged_files():
+    """Repository files that must be in ``mmdat/.mim`` (relative paths)."""
+    files = ['model-index.yml']
+    for pattern in ('configs/**/*.py', 'configs/**/*.yml', 'tools/**/*.py',
+                    'tools/**/*.sh'):
+        files += [osp.relpath(p, ROOT)
+                  for p in glob.glob(str(ROOT / pattern), recursive=True)]
+    return sorted(files)
+
+
+def _run(cmd, **kwargs):
+    env = dict(os.environ, PIP_NO_INDEX='1',
+               PIP_DISABLE_PIP_VERSION_CHECK='1')
+    env.update(kwargs.pop('env', {}))
+    proc = subprocess.run([str(c) for c in cmd], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=300, **kwargs)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return proc.stdout
+
+
+def test_editable_install_links_the_sources():
+    if not MIM.is_dir():
+        pytest.skip('mmdat/.mim is missing: run `pip install -e . --no-deps '
+                    '--no-build-isolation` (setup.py creates it)')
+    modelindex = pytest.importorskip('modelindex')
+    for name in MIM_FILES:
+        assert (MIM / name).is_symlink(), name
+        assert osp.samefile(MIM / name, ROOT / name), name
+    index = modelindex.load(str(MIM / 'model-index.yml'))
+    assert sorted(m.name for m in index.models) == _expected_names()
+    for model in index.models:
+        assert (MIM / model.config).is_file(), model.config
+
+
+@pytest.fixture(scope='module')
+def wheel(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('wheel')
+    src = tmp / 'src'
+    src.mkdir()
+    ignore = shutil.ignore_patterns('__pycache__', '*.pyc', '.mim', 'build',
+                                    '*.egg-info')
+    for name in SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, ignore=ignore)
+        else:
+            shutil.copy2(ROOT / name, src / name)
+    _run([sys.executable, '-m', 'pip', 'wheel', '.', '--no-deps',
+          '--no-build-isolation', '-q', '-w', tmp / 'dist'], cwd=src)
+    (path, ) = (tmp / 'dist').glob('mmdat-*.whl')
+    return path
+
+
+def test_wheel_holds_configs_and_tools(wheel):
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        for rel in _packaged_files():
+            member = f'mmdat/.mim/{rel}'
+            assert member in names, member
+            assert zf.read(member) == (ROOT / rel).read_bytes(), member
+        for cpp in glob.glob(str(ROOT / 'mmdat/**/csrc/*.cpp'),
+                             recursive=True):  # compiled on first use
+            assert osp.relpath(cpp, ROOT) in names, cpp
+
+
+def test_mim_search_lists_the_configs(wheel, tmp_path):
+    mim = Path(sys.executable).parent / 'mim'
+    if not mim.exists():
+        pytest.skip('openmim is not installed')
+    site = tmp_path / 'site'
+    _run([sys.executable, '-m', 'pip', 'install', '--no-deps', '-q',
+          '--target', site, wheel])
+    assert (site / 'mmdat/.mim/model-index.yml').is_file()
+    out = _run([mim, 'search', 'mmdat'], cwd=tmp_path,
+               env=dict(PYTHONPATH=str(site)))
+    assert sorted(re.findall(r'^config id: (\S+)$', out,
+                             re.M)) == _expected_names(), out[-3000:]
+    assert 'configs/mmdet/cascade_mask_rcnn_dat_pp_b_3x.py' in out
