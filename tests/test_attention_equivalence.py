@@ -51,6 +51,18 @@ def bias_kernel(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=['fused', 'pytorch'])
+def na_kernel(request, monkeypatch):
+    """Neighborhood attention from the compiled CPU kernel, or from the
+    tiled pure-PyTorch path used where it cannot be built (and on CUDA)."""
+    from mmdat.models.attentions import neighborhood
+    if request.param == 'fused':
+        assert neighborhood.cpu_ops_available(), 'fused CPU kernel not built'
+    else:
+        monkeypatch.setattr(neighborhood, 'cpu_ops_available', lambda: False)
+    return request.param
+
+
 def _pair(module):
     ref = copy.deepcopy(module)
     ref.impl = 'reference'
@@ -61,7 +73,7 @@ def _pair(module):
 @pytest.mark.parametrize('hw', [(16, 24), (7, 7), (9, 30), (30, 8), (13, 17),
                                 (21, 11)])
 @pytest.mark.parametrize('kernel', [3, 7])
-def test_neighborhood_fast_equals_reference(hw, kernel):
+def test_neighborhood_fast_equals_reference(hw, kernel, na_kernel):
     torch.manual_seed(0)
     m = NeighborhoodAttention(16, 2, kernel)
     with torch.no_grad():
@@ -71,7 +83,7 @@ def test_neighborhood_fast_equals_reference(hw, kernel):
 
 
 @pytest.mark.parametrize('hw', [(4, 6), (2, 3), (1, 5), (5, 1), (1, 1)])
-def test_neighborhood_smaller_than_kernel(hw):
+def test_neighborhood_smaller_than_kernel(hw, na_kernel):
     torch.manual_seed(1)
     fast, ref = _pair(NeighborhoodAttention(8, 2, 7))
     _compare(fast, ref, torch.randn(1, 8, *hw, dtype=torch.float64))
@@ -169,3 +181,15 @@ def test_fused_bias_kernel_rejects_bad_input():
     with pytest.raises(RuntimeError, match='disagree'):
         torch.ops.mmdat.deform_bias(rows, torch.zeros(1, 2, 5).int(),
                                     torch.zeros(1, 2, 5))
+
+
+def test_fused_neighborhood_kernel_rejects_bad_input():
+    from mmdat.models.attentions import neighborhood
+    assert neighborhood.cpu_ops_available()
+    q = torch.zeros(1, 2, 5, 5, 4)
+    with pytest.raises(RuntimeError, match='smaller than the kernel'):
+        torch.ops.mmdat.neighborhood_attention(q, q, q, torch.zeros(2, 13, 13),
+                                               7, 0.5)
+    with pytest.raises(RuntimeError, match='rpb must be'):
+        torch.ops.mmdat.neighborhood_attention(q, q, q, torch.zeros(2, 3, 3),
+                                               3, 0.5)
