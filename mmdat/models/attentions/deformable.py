@@ -337,6 +337,27 @@ def _table_rows(table, y0, fy):
                       fy[:, None, :, :, None])
 
 
+def _table_rows_backward(grad_rows, table, y0, fy, grad_table):
+    """Backward of :func:`_table_rows`: adds the table's gradient into
+    ``grad_table``, laid out ``(hg, g*Ty, Tx)`` (``index_add_`` over table
+    rows, much cheaper than the autograd of the advanced indexing), and
+    returns the gradient of ``fy``."""
+    g, hg, Ty, Tx = table.shape
+    Bg = y0.shape[0]
+    gi = (torch.arange(Bg, device=y0.device) % g).view(Bg, 1, 1, 1)
+    hi = torch.arange(hg, device=y0.device).view(1, hg, 1, 1)
+    y = y0[:, None]
+    diff = table[gi, hi, y + 1] - table[gi, hi, y]  # (Bg, hg, r, Ns, Tx)
+    grad_fy = (grad_rows * diff).sum((1, 4))
+    # rows of the (g*Ty) stacked tables each (batch, row, key) reads
+    flat = (gi.view(Bg, 1, 1) * Ty + y0).reshape(-1)
+    w = fy[:, None, :, :, None]
+    for corner, weight in ((flat, 1 - w), (flat + 1, w)):
+        src = (grad_rows * weight).transpose(0, 1).reshape(hg, -1, Tx)
+        grad_table.index_add_(1, corner, src.to(grad_table.dtype))
+    return grad_fy
+
+
 def _column_lerp(rows, x0, fx):
     """Column part, pure PyTorch: ``(B*g, hg, r, W, Ns)`` from ``rows``
     ``(B*g, hg, r, Ns, Tx)`` and ``x0``/``fx`` ``(B*g, W, Ns)``. The same
@@ -407,18 +428,16 @@ class _BiasedAttention(torch.autograd.Function):
         grad_q = torch.empty_like(q)
         grad_k = torch.zeros_like(k)
         grad_v = torch.zeros_like(v)
-        grad_table = torch.zeros_like(table) if need_bias else None
+        g, hg, Ty, Tx = table.shape
+        grad_table = table.new_zeros(hg, g * Ty, Tx) if need_bias else None
         grad_fy = torch.zeros_like(fy) if need_bias else None
         grad_fx = torch.zeros_like(fx) if need_bias else None
         for i0 in range(0, H, rows):
             i1 = min(H, i0 + rows)
             sl = slice(i0 * W, i1 * W)
             q_c, go_c = q[:, sl], grad_out[:, sl]
-            with torch.enable_grad():
-                table_ = table.detach().requires_grad_(need_bias)
-                fy_ = fy[:, i0:i1].detach().requires_grad_(need_bias)
-                rows_c = _table_rows(table_, y0[:, i0:i1], fy_)
-            bias = torch.ops.mmdat.deform_bias(rows_c.detach(), x0, fx)
+            rows_c = _table_rows(table, y0[:, i0:i1], fy[:, i0:i1])
+            bias = torch.ops.mmdat.deform_bias(rows_c, x0, fx)
             bias = bias.reshape(Bh, -1, k.shape[1]).to(q.dtype)
             attn = torch.baddbmm(bias, q_c, k.transpose(1, 2), alpha=scale)
             del bias
@@ -432,13 +451,13 @@ class _BiasedAttention(torch.autograd.Function):
             grad_k.baddbmm_(grad_logits.transpose(1, 2), q_c, alpha=scale)
             if need_bias:
                 grad_rows, g_fx = torch.ops.mmdat.deform_bias_backward(
-                    grad_logits, rows_c.detach(), x0, fx)
+                    grad_logits, rows_c, x0, fx)
                 del grad_logits
-                g_table, g_fy = torch.autograd.grad(rows_c, (table_, fy_),
-                                                    grad_rows)
-                grad_table += g_table
-                grad_fy[:, i0:i1] = g_fy
+                grad_fy[:, i0:i1] = _table_rows_backward(
+                    grad_rows, table, y0[:, i0:i1], fy[:, i0:i1], grad_table)
                 grad_fx += g_fx
         grad_q.mul_(scale)
+        if need_bias:
+            grad_table = grad_table.view(hg, g, Ty, Tx).transpose(0, 1)
         return (grad_q, grad_k, grad_v, grad_table, None, grad_fy, None,
                 grad_fx, None, None)
