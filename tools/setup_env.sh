@@ -73,5 +73,9 @@ pipi mmengine==0.10.7 'opencv-python<4.11' matplotlib pycocotools scipy shapely 
 pipi --no-deps mmdet==3.3.0 mmsegmentation==1.2.2 mmpretrain==1.2.0 openmim==0.3.9
 pipi --no-deps --no-build-isolation -e "$ROOT"
 "$PY" -c 'import mmdat, mmcv.ops, mmdet, mmseg, mmpretrain' >/dev/null
+# the fused CPU attention kernels are built on first use; build them now
+# (about 20 s) so that no run pays for it (mmdat falls back if this fails)
+"$PY" -c 'from mmdat.models.attentions.ext import cpu_ops_available as ok
+print("fused CPU kernels:", "ready" if ok() else "unavailable (fallback)")'
 echo "$KEY" > "$STAMP"
 log "ready: $VENV"
