@@ -152,35 +152,43 @@ def test_fused_bias_kernel_equals_pytorch(dtype):
     from mmdat.models.attentions import deformable
     assert deformable.cpu_ops_available()
     torch.manual_seed(0)
-    Bg, hg, r, Ns, Tx, W = 3, 2, 4, 11, 9, 13
-    rows = torch.randn(Bg, hg, r, Ns, Tx, dtype=torch.float64)
-    x0 = torch.randint(0, Tx - 1, (Bg, W, Ns))
-    fx = torch.rand(Bg, W, Ns, dtype=torch.float64)
-    grad = torch.randn(Bg, hg, r, W, Ns, dtype=torch.float64)
-    rows_, fx_ = rows.clone().requires_grad_(), fx.clone().requires_grad_()
-    want = deformable._column_lerp(rows_, x0, fx_)
-    want_rows, want_fx = torch.autograd.grad(want, (rows_, fx_), grad)
-    args = (rows.to(dtype), x0.int(), fx.to(dtype))
+    B, g, hg, r, Ns, Ty, Tx, W = 2, 3, 2, 4, 11, 7, 9, 13
+    f64 = dict(dtype=torch.float64)
+    table = torch.randn(g, hg, Ty, Tx, **f64)
+    y0 = torch.randint(0, Ty - 1, (B * g, r, Ns))
+    fy = torch.rand(B * g, r, Ns, **f64)
+    x0 = torch.randint(0, Tx - 1, (B * g, W, Ns))
+    fx = torch.rand(B * g, W, Ns, **f64)
+    grad = torch.randn(B * g, hg, r, W, Ns, **f64)
+    leaves = [t.clone().requires_grad_() for t in (table, fy, fx)]
+    want = deformable._column_lerp(
+        deformable._table_rows(leaves[0], y0, leaves[1]), x0, leaves[2])
+    want_grads = torch.autograd.grad(want, leaves, grad)
+    args = (table.to(dtype), y0.int(), fy.to(dtype), x0.int(), fx.to(dtype))
     got = torch.ops.mmdat.deform_bias(*args)
-    got_rows, got_fx = torch.ops.mmdat.deform_bias_backward(
+    g_table, g_fy, g_fx = torch.ops.mmdat.deform_bias_backward(
         grad.to(dtype), *args)
+    g_table = g_table.view(B, g, r, hg, Ty, Tx).sum((0, 2))
     tol = {torch.float64: 1e-12, torch.float32: 1e-5,
            torch.bfloat16: 2e-2}[dtype]
     assert got.dtype == dtype and got.shape == want.shape
-    for a, b in ((got, want), (got_rows, want_rows), (got_fx, want_fx)):
+    assert rel_err(got, want) <= tol
+    for a, b in zip((g_table, g_fy, g_fx), want_grads):
         assert rel_err(a, b) <= tol
 
 
 def test_fused_bias_kernel_rejects_bad_input():
     from mmdat.models.attentions import deformable
     assert deformable.cpu_ops_available()
-    rows = torch.zeros(1, 1, 1, 3, 4)
+    table = torch.zeros(1, 1, 3, 4)
+    y0, fy = torch.zeros(1, 2, 3).int(), torch.zeros(1, 2, 3)
     with pytest.raises(RuntimeError, match='int32'):
-        torch.ops.mmdat.deform_bias(rows, torch.zeros(1, 2, 3).long(),
-                                    torch.zeros(1, 2, 3))
+        torch.ops.mmdat.deform_bias(table, y0.long(), fy, y0, fy)
     with pytest.raises(RuntimeError, match='disagree'):
-        torch.ops.mmdat.deform_bias(rows, torch.zeros(1, 2, 5).int(),
+        torch.ops.mmdat.deform_bias(table, y0, fy, torch.zeros(1, 2, 5).int(),
                                     torch.zeros(1, 2, 5))
+    with pytest.raises(RuntimeError, match='at least 2x2'):
+        torch.ops.mmdat.deform_bias(torch.zeros(1, 1, 1, 4), y0, fy, y0, fy)
 
 
 def test_fused_neighborhood_kernel_rejects_bad_input():

@@ -133,6 +133,7 @@ def build_models(arch):
     for impl in IMPLS:
         model = MODELS.build(dict(
             type='ImageClassifier',
+            _scope_='mmpretrain',  # whatever scope earlier tests left set
             backbone=dict(type='DAT', arch=arch, out_indices=(3, ),
                           impl=impl),
             neck=dict(type='GlobalAveragePooling'),

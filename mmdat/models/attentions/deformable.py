@@ -5,12 +5,18 @@ Three exact formulations of the same computation:
 * ``reference``: the straightforward one of the spec, materialising the
   (queries x keys x 2) displacement tensor, a ``grid_sample`` of the position
   bias table at every displacement, and the full attention matrix.
-* ``fast`` (the default): the bias table is bilinearly interpolated in two
-  separable 1-D steps (rows first, then columns, both exact), and queries are
-  processed in chunks (bias-GEMM, softmax, GEMM) so that neither the
-  displacement nor the full attention matrix is ever materialised.
-* ``flex`` (CUDA, opt-in): ``flex_attention`` with the bias computed inside
-  the score function.
+* ``fast`` (the default on CPU, and for training on CUDA): queries are
+  processed in chunks of rows; each chunk's bias is a bilinear lookup of the
+  table whose row part depends only on (query row, key) and column part only
+  on (query column, key), computed in the (queries x keys) layout and handed
+  to ``scaled_dot_product_attention`` as its mask. On CPU the lookup is a
+  fused C++ kernel (``csrc/deform_bias.cpp``) and one autograd Function
+  runs all chunks with a hand-written backward; elsewhere (CUDA, under
+  ``torch.compile``, or without a compiler) the same lookup is done with
+  gathers and the chunks are checkpointed. Neither the displacement nor the
+  full bias/attention matrix ever exists.
+* ``flex`` (CUDA; what ``auto`` uses for inference there): ``flex_attention``
+  with the bias computed inside the score function.
 """
 import functools
 from typing import Tuple
@@ -50,7 +56,7 @@ class DeformableAttention(nn.Module):
             positions to [-1, 1] (DAT++); ``>= 0`` bounds offsets with tanh.
         use_pe: add the deformable relative position bias.
         no_off: ignore the predicted offsets (sample on the reference grid).
-        impl: ``'auto'``/``'fast'`` or ``'reference'``.
+        impl: ``'auto'``, ``'fast'``, ``'reference'`` or ``'flex'`` (CUDA).
     """
 
     def __init__(self, dim: int, num_heads: int, num_groups: int, stride: int,
@@ -276,8 +282,8 @@ class DeformableAttention(nn.Module):
         x0, fx = _corner(pos[..., 1], W, self.rpe_table.shape[2])
         if (q.device.type == 'cpu' and cpu_ops_available()
                 and not _compiling()):
-            out = _BiasedAttention.apply(q, k, v, table, y0, fy, x0.int(), fx,
-                                         self.scale, rows)
+            out = _BiasedAttention.apply(q, k, v, table, y0.int(), fy,
+                                         x0.int(), fx, self.scale, rows)
             return out.transpose(1, 2)
 
         def chunk(i0, i1):
@@ -337,31 +343,11 @@ def _table_rows(table, y0, fy):
                       fy[:, None, :, :, None])
 
 
-def _table_rows_backward(grad_rows, table, y0, fy, grad_table):
-    """Backward of :func:`_table_rows`: adds the table's gradient into
-    ``grad_table``, laid out ``(hg, g*Ty, Tx)`` (``index_add_`` over table
-    rows, much cheaper than the autograd of the advanced indexing), and
-    returns the gradient of ``fy``."""
-    g, hg, Ty, Tx = table.shape
-    Bg = y0.shape[0]
-    gi = (torch.arange(Bg, device=y0.device) % g).view(Bg, 1, 1, 1)
-    hi = torch.arange(hg, device=y0.device).view(1, hg, 1, 1)
-    y = y0[:, None]
-    diff = table[gi, hi, y + 1] - table[gi, hi, y]  # (Bg, hg, r, Ns, Tx)
-    grad_fy = (grad_rows * diff).sum((1, 4))
-    # rows of the (g*Ty) stacked tables each (batch, row, key) reads
-    flat = (gi.view(Bg, 1, 1) * Ty + y0).reshape(-1)
-    w = fy[:, None, :, :, None]
-    for corner, weight in ((flat, 1 - w), (flat + 1, w)):
-        src = (grad_rows * weight).transpose(0, 1).reshape(hg, -1, Tx)
-        grad_table.index_add_(1, corner, src.to(grad_table.dtype))
-    return grad_fy
-
-
 def _column_lerp(rows, x0, fx):
     """Column part, pure PyTorch: ``(B*g, hg, r, W, Ns)`` from ``rows``
-    ``(B*g, hg, r, Ns, Tx)`` and ``x0``/``fx`` ``(B*g, W, Ns)``. The same
-    as the fused ``torch.ops.mmdat.deform_bias``."""
+    ``(B*g, hg, r, Ns, Tx)`` and ``x0``/``fx`` ``(B*g, W, Ns)``. Together
+    with :func:`_table_rows`, the same as the fused
+    ``torch.ops.mmdat.deform_bias`` (``csrc/deform_bias.cpp``)."""
     Bg, hg, r, Ns, Tx = rows.shape
     W = x0.shape[1]
     flat = rows.reshape(Bg, hg, r, Ns * Tx)
@@ -405,8 +391,8 @@ class _BiasedAttention(torch.autograd.Function):
         out = q.new_empty(Bh, M, c)
         for i0 in range(0, H, rows):
             i1 = min(H, i0 + rows)
-            bias = torch.ops.mmdat.deform_bias(
-                _table_rows(table, y0[:, i0:i1], fy[:, i0:i1]), x0, fx)
+            bias = torch.ops.mmdat.deform_bias(table, y0[:, i0:i1],
+                                               fy[:, i0:i1], x0, fx)
             out[:, i0 * W:i1 * W] = _plain_chunk(
                 q[:, i0 * W:i1 * W], k, v, bias.reshape(Bh, -1, k.shape[1]),
                 scale)
@@ -428,16 +414,16 @@ class _BiasedAttention(torch.autograd.Function):
         grad_q = torch.empty_like(q)
         grad_k = torch.zeros_like(k)
         grad_v = torch.zeros_like(v)
-        g, hg, Ty, Tx = table.shape
-        grad_table = table.new_zeros(hg, g * Ty, Tx) if need_bias else None
+        g = table.shape[0]
+        grad_table = torch.zeros_like(table) if need_bias else None
         grad_fy = torch.zeros_like(fy) if need_bias else None
         grad_fx = torch.zeros_like(fx) if need_bias else None
         for i0 in range(0, H, rows):
             i1 = min(H, i0 + rows)
             sl = slice(i0 * W, i1 * W)
             q_c, go_c = q[:, sl], grad_out[:, sl]
-            rows_c = _table_rows(table, y0[:, i0:i1], fy[:, i0:i1])
-            bias = torch.ops.mmdat.deform_bias(rows_c, x0, fx)
+            y0_c, fy_c = y0[:, i0:i1], fy[:, i0:i1]
+            bias = torch.ops.mmdat.deform_bias(table, y0_c, fy_c, x0, fx)
             bias = bias.reshape(Bh, -1, k.shape[1]).to(q.dtype)
             attn = torch.baddbmm(bias, q_c, k.transpose(1, 2), alpha=scale)
             del bias
@@ -450,14 +436,14 @@ class _BiasedAttention(torch.autograd.Function):
             torch.bmm(grad_logits, k, out=grad_q[:, sl])
             grad_k.baddbmm_(grad_logits.transpose(1, 2), q_c, alpha=scale)
             if need_bias:
-                grad_rows, g_fx = torch.ops.mmdat.deform_bias_backward(
-                    grad_logits, rows_c, x0, fx)
+                g_table, g_fy, g_fx = torch.ops.mmdat.deform_bias_backward(
+                    grad_logits, table, y0_c, fy_c, x0, fx)
                 del grad_logits
-                grad_fy[:, i0:i1] = _table_rows_backward(
-                    grad_rows, table, y0[:, i0:i1], fy[:, i0:i1], grad_table)
+                # (B*g, r, hg, Ty, Tx) per (batch, query row) -> (g, hg, ..)
+                grad_table += g_table.view(-1, g, *g_table.shape[1:]).sum(
+                    (0, 2))
+                grad_fy[:, i0:i1] = g_fy
                 grad_fx += g_fx
         grad_q.mul_(scale)
-        if need_bias:
-            grad_table = grad_table.view(hg, g, Ty, Tx).transpose(0, 1)
         return (grad_q, grad_k, grad_v, grad_table, None, grad_fy, None,
                 grad_fx, None, None)

@@ -266,8 +266,10 @@ class DAT(BaseModule):
         with_cp: gradient checkpointing of each block.
         frozen_stages: ``k >= 0`` freezes the stem and the first ``k`` stages
             (each with its output norm and the downsampling after it).
-        impl: attention implementation, ``'auto'`` (fast exact path),
-            ``'fast'`` or ``'reference'`` (the straightforward formulation).
+        impl: attention implementation: ``'auto'`` (fused CPU kernels; on
+            CUDA flex attention for inference, the chunked path for
+            training), ``'fast'`` (the chunked exact path), ``'reference'``
+            (the straightforward formulation) or ``'flex'`` (CUDA only).
         init_cfg: mmengine init config; ``dict(type='Pretrained',
             checkpoint=...)`` accepts official and converted checkpoints.
     """

@@ -1,11 +1,15 @@
 // Fused CPU kernels for the deformable attention's position bias.
 //
-// The bias of query (i, j) and key k is a bilinear lookup of the bias table.
-// Its row part is done beforehand (``rows``: the table row interpolated at
-// every (query row i, key k)); these kernels do the column part: a 2-tap
-// interpolation of rows[.., i, k, :] at column x0[j, k] + fx[j, k], written
-// in the (queries x keys) layout that scaled_dot_product_attention takes as
-// its mask. One pass, nothing but the output is written.
+// The bias of query (i, j) and key k is a bilinear lookup of the bias table
+// at row y0[i, k] + fy[i, k] and column x0[j, k] + fx[j, k] (the row part
+// depends only on the query row, the column part only on the query column).
+// The kernel evaluates it straight from the (small, cache-resident) table
+// and writes it in the (queries x keys) layout that
+// scaled_dot_product_attention takes as its mask: one pass, nothing but the
+// output is written.
+//
+// table: (g, h, Ty, Tx), Ty, Tx >= 2; y0, fy: (B*g, r, Ns); x0, fx:
+// (B*g, W, Ns); out: (B*g, h, r, W, Ns). Batch b uses table group b % g.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -14,128 +18,188 @@
 
 namespace {
 
-void check_inputs(const at::Tensor& rows, const at::Tensor& x0,
+struct Dims {
+  int64_t G, Bg, H, R, W, Ns, Ty, Tx;
+};
+
+Dims check_inputs(const at::Tensor& table, const at::Tensor& y0,
+                  const at::Tensor& fy, const at::Tensor& x0,
                   const at::Tensor& fx) {
-  TORCH_CHECK(rows.dim() == 5, "rows must be (G, h, r, Ns, Tx)");
-  TORCH_CHECK(x0.dim() == 3 && fx.dim() == 3, "x0/fx must be (G, W, Ns)");
-  TORCH_CHECK(x0.scalar_type() == at::kInt, "x0 must be int32");
-  TORCH_CHECK(rows.size(0) == x0.size(0) && rows.size(3) == x0.size(2),
-              "rows and x0 disagree on groups/keys");
-  TORCH_CHECK(x0.sizes() == fx.sizes(), "x0 and fx shapes differ");
-  TORCH_CHECK(fx.scalar_type() == rows.scalar_type(),
-              "fx and rows dtypes differ");
-  TORCH_CHECK(rows.size(4) >= 2, "table must be at least 2 wide");
+  TORCH_CHECK(table.dim() == 4, "table must be (g, h, Ty, Tx)");
+  TORCH_CHECK(table.size(2) >= 2 && table.size(3) >= 2,
+              "table must be at least 2x2 (pad it)");
+  TORCH_CHECK(y0.dim() == 3 && fy.dim() == 3, "y0/fy must be (B*g, r, Ns)");
+  TORCH_CHECK(x0.dim() == 3 && fx.dim() == 3, "x0/fx must be (B*g, W, Ns)");
+  TORCH_CHECK(y0.scalar_type() == at::kInt && x0.scalar_type() == at::kInt,
+              "y0/x0 must be int32");
+  TORCH_CHECK(y0.sizes() == fy.sizes() && x0.sizes() == fx.sizes(),
+              "index and fraction shapes differ");
+  TORCH_CHECK(y0.size(0) == x0.size(0) && y0.size(2) == x0.size(2),
+              "y0 and x0 disagree on batch/keys");
+  TORCH_CHECK(y0.size(0) % table.size(0) == 0,
+              "batch is not a multiple of the table groups");
+  TORCH_CHECK(fy.scalar_type() == table.scalar_type() &&
+                  fx.scalar_type() == table.scalar_type(),
+              "fy/fx and table dtypes differ");
+  return {table.size(0), y0.size(0), table.size(1), y0.size(1), x0.size(1),
+          y0.size(2), table.size(2), table.size(3)};
 }
 
-// out[g, h, i, j, k] = lerp(R[k, x0], R[k, x0 + 1], fx[g, j, k]),
-// R = rows[g, h, i]
-at::Tensor deform_bias_forward(const at::Tensor& rows_in,
+at::Tensor deform_bias_forward(const at::Tensor& table_in,
+                               const at::Tensor& y0_in,
+                               const at::Tensor& fy_in,
                                const at::Tensor& x0_in,
                                const at::Tensor& fx_in) {
-  check_inputs(rows_in, x0_in, fx_in);
-  auto rows = rows_in.contiguous();
-  auto x0 = x0_in.contiguous();
-  auto fx = fx_in.contiguous();
-  const int64_t G = rows.size(0), H = rows.size(1), R = rows.size(2),
-                Ns = rows.size(3), Tx = rows.size(4), W = x0.size(1);
-  auto out = at::empty({G, H, R, W, Ns}, rows.options());
+  const Dims d = check_inputs(table_in, y0_in, fy_in, x0_in, fx_in);
+  auto table = table_in.contiguous();
+  auto y0 = y0_in.contiguous(), fy = fy_in.contiguous();
+  auto x0 = x0_in.contiguous(), fx = fx_in.contiguous();
+  auto out = at::empty({d.Bg, d.H, d.R, d.W, d.Ns}, table.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, rows.scalar_type(), "deform_bias_forward",
+      at::kBFloat16, at::kHalf, table.scalar_type(), "deform_bias_forward",
       [&] {
         using opmath_t = at::opmath_type<scalar_t>;
-        const scalar_t* rp = rows.const_data_ptr<scalar_t>();
+        const scalar_t* tp = table.const_data_ptr<scalar_t>();
+        const int* yp = y0.const_data_ptr<int>();
+        const scalar_t* fyp = fy.const_data_ptr<scalar_t>();
         const int* xp = x0.const_data_ptr<int>();
-        const scalar_t* fp = fx.const_data_ptr<scalar_t>();
+        const scalar_t* fxp = fx.const_data_ptr<scalar_t>();
         scalar_t* op = out.mutable_data_ptr<scalar_t>();
-        at::parallel_for(0, G * H * R * W, 1, [&](int64_t b, int64_t e) {
-          for (int64_t n = b; n < e; ++n) {
-            const int64_t j = n % W, ghi = n / W, g = ghi / (H * R);
-            const scalar_t* row = rp + ghi * Ns * Tx;
-            const int* xi = xp + (g * W + j) * Ns;
-            const scalar_t* f = fp + (g * W + j) * Ns;
-            scalar_t* o = op + n * Ns;
-            for (int64_t k = 0; k < Ns; ++k) {
-              const scalar_t* t = row + k * Tx + xi[k];
-              const opmath_t a = t[0];
-              o[k] = a + static_cast<opmath_t>(f[k]) * (opmath_t(t[1]) - a);
-            }
-          }
-        });
+        const int64_t Tx = d.Tx;
+        at::parallel_for(
+            0, d.Bg * d.H * d.R * d.W, 1, [&](int64_t beg, int64_t end) {
+              for (int64_t n = beg; n < end; ++n) {
+                const int64_t j = n % d.W, i = (n / d.W) % d.R,
+                              h = (n / (d.W * d.R)) % d.H,
+                              b = n / (d.W * d.R * d.H);
+                const scalar_t* T =
+                    tp + ((b % d.G) * d.H + h) * d.Ty * d.Tx;
+                const int* yi = yp + (b * d.R + i) * d.Ns;
+                const scalar_t* wy = fyp + (b * d.R + i) * d.Ns;
+                const int* xi = xp + (b * d.W + j) * d.Ns;
+                const scalar_t* wx = fxp + (b * d.W + j) * d.Ns;
+                scalar_t* o = op + n * d.Ns;
+                for (int64_t k = 0; k < d.Ns; ++k) {
+                  const scalar_t* t = T + yi[k] * Tx + xi[k];
+                  const opmath_t fxk = wx[k], fyk = wy[k];
+                  const opmath_t t00 = t[0], t01 = t[1], t10 = t[Tx],
+                                 t11 = t[Tx + 1];
+                  const opmath_t top = t00 + fxk * (t01 - t00);
+                  const opmath_t bot = t10 + fxk * (t11 - t10);
+                  o[k] = top + fyk * (bot - top);
+                }
+              }
+            });
       });
   return out;
 }
 
-// Gradients of deform_bias_forward with respect to rows and fx.
-std::tuple<at::Tensor, at::Tensor> deform_bias_backward(
-    const at::Tensor& grad_in, const at::Tensor& rows_in,
-    const at::Tensor& x0_in, const at::Tensor& fx_in) {
-  check_inputs(rows_in, x0_in, fx_in);
-  auto rows = rows_in.contiguous();
-  auto x0 = x0_in.contiguous();
-  auto fx = fx_in.contiguous();
-  auto grad = grad_in.contiguous().to(rows.scalar_type());
-  const int64_t G = rows.size(0), H = rows.size(1), R = rows.size(2),
-                Ns = rows.size(3), Tx = rows.size(4), W = x0.size(1);
-  TORCH_CHECK(grad.numel() == G * H * R * W * Ns, "grad has the wrong size");
-  auto opt = rows.options().dtype(at::toOpMathType(rows.scalar_type()));
-  auto grad_rows = at::zeros({G, H, R, Ns, Tx}, opt);
-  auto grad_fx = at::zeros({G, W, Ns}, opt);
+// Gradients with respect to the table (per (batch, query row): summed by
+// the caller), fy and fx.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_bias_backward(
+    const at::Tensor& grad_in, const at::Tensor& table_in,
+    const at::Tensor& y0_in, const at::Tensor& fy_in, const at::Tensor& x0_in,
+    const at::Tensor& fx_in) {
+  const Dims d = check_inputs(table_in, y0_in, fy_in, x0_in, fx_in);
+  auto table = table_in.contiguous();
+  auto y0 = y0_in.contiguous(), fy = fy_in.contiguous();
+  auto x0 = x0_in.contiguous(), fx = fx_in.contiguous();
+  auto grad = grad_in.contiguous().to(table.scalar_type());
+  TORCH_CHECK(grad.numel() == d.Bg * d.H * d.R * d.W * d.Ns,
+              "grad has the wrong size");
+  auto opt = table.options().dtype(at::toOpMathType(table.scalar_type()));
+  auto grad_table = at::zeros({d.Bg, d.R, d.H, d.Ty, d.Tx}, opt);
+  auto grad_fy = at::zeros({d.Bg, d.R, d.Ns}, opt);
+  auto grad_fx = at::zeros({d.Bg, d.W, d.Ns}, opt);
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, rows.scalar_type(), "deform_bias_backward",
+      at::kBFloat16, at::kHalf, table.scalar_type(), "deform_bias_backward",
       [&] {
         using opmath_t = at::opmath_type<scalar_t>;
-        const scalar_t* rp = rows.const_data_ptr<scalar_t>();
+        const scalar_t* tp = table.const_data_ptr<scalar_t>();
+        const int* yp = y0.const_data_ptr<int>();
+        const scalar_t* fyp = fy.const_data_ptr<scalar_t>();
         const int* xp = x0.const_data_ptr<int>();
-        const scalar_t* fp = fx.const_data_ptr<scalar_t>();
+        const scalar_t* fxp = fx.const_data_ptr<scalar_t>();
         const scalar_t* gp = grad.const_data_ptr<scalar_t>();
-        opmath_t* grp = grad_rows.mutable_data_ptr<opmath_t>();
-        opmath_t* gfp = grad_fx.mutable_data_ptr<opmath_t>();
-        // each (g, h, i) owns its slice of grad_rows: no races
-        at::parallel_for(0, G * H * R, 1, [&](int64_t b, int64_t e) {
-          for (int64_t ghi = b; ghi < e; ++ghi) {
-            const int64_t g = ghi / (H * R);
-            opmath_t* gr = grp + ghi * Ns * Tx;
-            for (int64_t j = 0; j < W; ++j) {
-              const scalar_t* go = gp + (ghi * W + j) * Ns;
-              const int* xi = xp + (g * W + j) * Ns;
-              const scalar_t* f = fp + (g * W + j) * Ns;
-              for (int64_t k = 0; k < Ns; ++k) {
-                opmath_t* t = gr + k * Tx + xi[k];
-                const opmath_t gk = go[k], w = f[k];
-                t[0] += gk - gk * w;
-                t[1] += gk * w;
+        opmath_t* gtp = grad_table.mutable_data_ptr<opmath_t>();
+        opmath_t* gyp = grad_fy.mutable_data_ptr<opmath_t>();
+        opmath_t* gxp = grad_fx.mutable_data_ptr<opmath_t>();
+        const int64_t Tx = d.Tx, TT = d.Ty * d.Tx;
+        // table and fy: each (b, i) owns its slices
+        at::parallel_for(0, d.Bg * d.R, 1, [&](int64_t beg, int64_t end) {
+          for (int64_t bi = beg; bi < end; ++bi) {
+            const int64_t b = bi / d.R;
+            const int* yi = yp + bi * d.Ns;
+            const scalar_t* wy = fyp + bi * d.Ns;
+            opmath_t* gfy = gyp + bi * d.Ns;
+            for (int64_t h = 0; h < d.H; ++h) {
+              const scalar_t* T = tp + ((b % d.G) * d.H + h) * TT;
+              opmath_t* GT = gtp + (bi * d.H + h) * TT;
+              for (int64_t j = 0; j < d.W; ++j) {
+                const int* xi = xp + (b * d.W + j) * d.Ns;
+                const scalar_t* wx = fxp + (b * d.W + j) * d.Ns;
+                const scalar_t* go =
+                    gp + ((((b * d.H + h) * d.R + bi % d.R) * d.W) + j) * d.Ns;
+                for (int64_t k = 0; k < d.Ns; ++k) {
+                  const int64_t off = yi[k] * Tx + xi[k];
+                  const scalar_t* t = T + off;
+                  const opmath_t g = go[k], fxk = wx[k], fyk = wy[k];
+                  const opmath_t t00 = t[0], t01 = t[1], t10 = t[Tx],
+                                 t11 = t[Tx + 1];
+                  const opmath_t top = t00 + fxk * (t01 - t00);
+                  const opmath_t bot = t10 + fxk * (t11 - t10);
+                  gfy[k] += g * (bot - top);
+                  const opmath_t gt = g - g * fyk, gb = g * fyk;
+                  opmath_t* G = GT + off;
+                  G[0] += gt - gt * fxk;
+                  G[1] += gt * fxk;
+                  G[Tx] += gb - gb * fxk;
+                  G[Tx + 1] += gb * fxk;
+                }
               }
             }
           }
         });
-        // each (g, j) owns its row of grad_fx
-        at::parallel_for(0, G * W, 1, [&](int64_t b, int64_t e) {
-          for (int64_t gj = b; gj < e; ++gj) {
-            const int64_t g = gj / W, j = gj % W;
-            const int* xi = xp + gj * Ns;
-            opmath_t* gf = gfp + gj * Ns;
-            for (int64_t hi = 0; hi < H * R; ++hi) {
-              const int64_t ghi = g * H * R + hi;
-              const scalar_t* row = rp + ghi * Ns * Tx;
-              const scalar_t* go = gp + (ghi * W + j) * Ns;
-              for (int64_t k = 0; k < Ns; ++k) {
-                const scalar_t* t = row + k * Tx + xi[k];
-                gf[k] += opmath_t(go[k]) * (opmath_t(t[1]) - opmath_t(t[0]));
+        // fx: each (b, j) owns its row
+        at::parallel_for(0, d.Bg * d.W, 1, [&](int64_t beg, int64_t end) {
+          for (int64_t bj = beg; bj < end; ++bj) {
+            const int64_t b = bj / d.W, j = bj % d.W;
+            const int* xi = xp + bj * d.Ns;
+            const scalar_t* wy0 = fyp + b * d.R * d.Ns;
+            opmath_t* gfx = gxp + bj * d.Ns;
+            for (int64_t h = 0; h < d.H; ++h) {
+              const scalar_t* T = tp + ((b % d.G) * d.H + h) * TT;
+              for (int64_t i = 0; i < d.R; ++i) {
+                const int* yi = yp + (b * d.R + i) * d.Ns;
+                const scalar_t* wy = wy0 + i * d.Ns;
+                const scalar_t* go =
+                    gp + (((b * d.H + h) * d.R + i) * d.W + j) * d.Ns;
+                for (int64_t k = 0; k < d.Ns; ++k) {
+                  const scalar_t* t = T + yi[k] * Tx + xi[k];
+                  const opmath_t fyk = wy[k];
+                  const opmath_t dtop = opmath_t(t[1]) - opmath_t(t[0]);
+                  const opmath_t dbot =
+                      opmath_t(t[Tx + 1]) - opmath_t(t[Tx]);
+                  gfx[k] += opmath_t(go[k]) * (dtop + fyk * (dbot - dtop));
+                }
               }
             }
           }
         });
       });
-  return {grad_rows.to(rows.scalar_type()), grad_fx.to(rows.scalar_type())};
+  const auto dt = table.scalar_type();
+  return {grad_table.to(dt), grad_fy.to(dt), grad_fx.to(dt)};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(mmdat, m) {
-  m.def("deform_bias(Tensor rows, Tensor x0, Tensor fx) -> Tensor");
   m.def(
-      "deform_bias_backward(Tensor grad, Tensor rows, Tensor x0, Tensor fx)"
-      " -> (Tensor, Tensor)");
+      "deform_bias(Tensor table, Tensor y0, Tensor fy, Tensor x0, Tensor fx)"
+      " -> Tensor");
+  m.def(
+      "deform_bias_backward(Tensor grad, Tensor table, Tensor y0, Tensor fy,"
+      " Tensor x0, Tensor fx) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mmdat, CPU, m) {
