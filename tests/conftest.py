@@ -37,12 +37,18 @@ def manifests():
         return json.load(f)
 
 
-@pytest.fixture(scope='session')
-def fill():
-    spec = importlib.util.spec_from_file_location('dat_fill', DATA / 'fill.py')
+def load_script(path, name: str = None):
+    """Import a script (tools/..., tests/data/fill.py) as a module."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope='session')
+def fill():
+    return load_script(DATA / 'fill.py', 'dat_fill')
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

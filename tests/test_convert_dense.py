@@ -21,7 +21,6 @@ are those of the official ``mini`` arch, so their models are built with the
 ``mini`` trunk (same neck and heads).
 """
 import functools
-import importlib.util
 import math
 import re
 import zlib
@@ -30,7 +29,7 @@ import pytest
 import torch
 from mmengine.runner import load_checkpoint
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 from test_configs import CONFIGS, arch_name, build_model, library_of, load
 
 DENSE_CONFIGS = [c for c in CONFIGS if library_of(c) in ('mmdet', 'mmseg')]
@@ -193,10 +192,7 @@ def make_case(rel_path, manifests):
 
 @pytest.fixture(scope='module')
 def converter():
-    spec = importlib.util.spec_from_file_location('dat2mmdat', CONVERTER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(CONVERTER)
 
 
 def convert(converter, official, tmp_path, name='model'):

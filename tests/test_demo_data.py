@@ -1,6 +1,5 @@
 """Tests for tools/dataset_converters/make_demo_data.py (synthetic demo datasets)."""
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,18 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import load_script
+
 SCRIPT = (Path(__file__).resolve().parents[1] / 'tools' / 'dataset_converters'
           / 'make_demo_data.py')
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location('make_demo_data', SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-mdd = _load_script()
+mdd = load_script(SCRIPT)
 
 
 def _digests(root: Path) -> dict:

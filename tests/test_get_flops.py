@@ -5,22 +5,18 @@ Convention (fvcore / mmengine.analysis): 1 multiply-add = 1 FLOP; element-wise
 ops not counted; LayerNorm 5 per element; bilinear sampling 4 per sampled
 element and channel.
 """
-import importlib.util
 import json
 import warnings
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY_ARCH
+from conftest import ROOT, TINY_ARCH, load_script
 from mmdat.models import DAT
 from mmdat.models.attentions import (DeformableAttention,
                                      NeighborhoodAttention, WindowAttention)
 
-_spec = importlib.util.spec_from_file_location(
-    'get_flops', ROOT / 'tools/analysis_tools/get_flops.py')
-gf = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gf)
+gf = load_script(ROOT / 'tools/analysis_tools/get_flops.py')
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,6 @@ inferencers (``Config.fromfile`` imports it); ``test_custom_imports_*``
 checks that in a fresh interpreter that never imported ``mmdat`` itself.
 """
 import importlib
-import importlib.util
 import json
 import os
 import os.path as osp
@@ -30,7 +29,7 @@ import torch
 from mmengine.registry import DefaultScope
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 CONFIGS = {
     'det': ROOT / 'configs/mmdet/mask_rcnn_dat_pp_demo.py',
@@ -54,10 +53,7 @@ def _one_thread():
 
 @pytest.fixture(scope='module')
 def demo_data(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location(
-        'make_demo_data', ROOT / 'tools/dataset_converters/make_demo_data.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script(ROOT / 'tools/dataset_converters/make_demo_data.py')
     out = tmp_path_factory.mktemp('demo')
     mod.generate(out)
     return out

@@ -5,7 +5,6 @@ The tool runs as a subprocess on a tiny DAT++ classifier (a config in
 backbone shrunk to ``TINY_ARCH``) and a generated 64x64 PNG. Helpers of the
 script (block selection, coordinate mapping) are also checked in-process.
 """
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_ARCH
+from conftest import ROOT, TINY_ARCH, load_script
 
 SCRIPT = ROOT / 'tools' / 'visualization' / 'vis_deform_points.py'
 # TINY_ARCH stage_spec [['N', 'D'], ['D', 'N'], ['N', 'D'], ['D']]
@@ -24,10 +23,7 @@ TINY_D_BLOCKS = ['stages.0.attns.1', 'stages.1.attns.0', 'stages.2.attns.1',
 
 @pytest.fixture(scope='module')
 def tool():
-    spec = importlib.util.spec_from_file_location('vis_deform_points', SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT)
 
 
 @pytest.fixture(scope='module')

@@ -45,6 +45,32 @@ Dims check_inputs(const at::Tensor& table, const at::Tensor& y0,
           y0.size(2), table.size(2), table.size(3)};
 }
 
+// Read-only inputs of both kernels, as typed pointers.
+template <typename scalar_t>
+struct Inputs {
+  const scalar_t* table;
+  const int* y0;
+  const scalar_t* fy;
+  const int* x0;
+  const scalar_t* fx;
+  Inputs(const at::Tensor& t, const at::Tensor& y, const at::Tensor& wy,
+         const at::Tensor& x, const at::Tensor& wx)
+      : table(t.const_data_ptr<scalar_t>()),
+        y0(y.const_data_ptr<int>()),
+        fy(wy.const_data_ptr<scalar_t>()),
+        x0(x.const_data_ptr<int>()),
+        fx(wx.const_data_ptr<scalar_t>()) {}
+};
+
+// Column interpolation of the two table rows at t (row stride Tx).
+template <typename opmath_t, typename scalar_t>
+inline void lerp_rows(const scalar_t* t, int64_t Tx, opmath_t fx,
+                      opmath_t& top, opmath_t& bot) {
+  const opmath_t t00 = t[0], t01 = t[1], t10 = t[Tx], t11 = t[Tx + 1];
+  top = t00 + fx * (t01 - t00);
+  bot = t10 + fx * (t11 - t10);
+}
+
 at::Tensor deform_bias_forward(const at::Tensor& table_in,
                                const at::Tensor& y0_in,
                                const at::Tensor& fy_in,
@@ -59,11 +85,7 @@ at::Tensor deform_bias_forward(const at::Tensor& table_in,
       at::kBFloat16, at::kHalf, table.scalar_type(), "deform_bias_forward",
       [&] {
         using opmath_t = at::opmath_type<scalar_t>;
-        const scalar_t* tp = table.const_data_ptr<scalar_t>();
-        const int* yp = y0.const_data_ptr<int>();
-        const scalar_t* fyp = fy.const_data_ptr<scalar_t>();
-        const int* xp = x0.const_data_ptr<int>();
-        const scalar_t* fxp = fx.const_data_ptr<scalar_t>();
+        const Inputs<scalar_t> in(table, y0, fy, x0, fx);
         scalar_t* op = out.mutable_data_ptr<scalar_t>();
         const int64_t Tx = d.Tx;
         at::parallel_for(
@@ -73,19 +95,16 @@ at::Tensor deform_bias_forward(const at::Tensor& table_in,
                               h = (n / (d.W * d.R)) % d.H,
                               b = n / (d.W * d.R * d.H);
                 const scalar_t* T =
-                    tp + ((b % d.G) * d.H + h) * d.Ty * d.Tx;
-                const int* yi = yp + (b * d.R + i) * d.Ns;
-                const scalar_t* wy = fyp + (b * d.R + i) * d.Ns;
-                const int* xi = xp + (b * d.W + j) * d.Ns;
-                const scalar_t* wx = fxp + (b * d.W + j) * d.Ns;
+                    in.table + ((b % d.G) * d.H + h) * d.Ty * d.Tx;
+                const int* yi = in.y0 + (b * d.R + i) * d.Ns;
+                const scalar_t* wy = in.fy + (b * d.R + i) * d.Ns;
+                const int* xi = in.x0 + (b * d.W + j) * d.Ns;
+                const scalar_t* wx = in.fx + (b * d.W + j) * d.Ns;
                 scalar_t* o = op + n * d.Ns;
                 for (int64_t k = 0; k < d.Ns; ++k) {
-                  const scalar_t* t = T + yi[k] * Tx + xi[k];
                   const opmath_t fxk = wx[k], fyk = wy[k];
-                  const opmath_t t00 = t[0], t01 = t[1], t10 = t[Tx],
-                                 t11 = t[Tx + 1];
-                  const opmath_t top = t00 + fxk * (t01 - t00);
-                  const opmath_t bot = t10 + fxk * (t11 - t10);
+                  opmath_t top, bot;
+                  lerp_rows(T + yi[k] * Tx + xi[k], Tx, fxk, top, bot);
                   o[k] = top + fyk * (bot - top);
                 }
               }
@@ -115,11 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_bias_backward(
       at::kBFloat16, at::kHalf, table.scalar_type(), "deform_bias_backward",
       [&] {
         using opmath_t = at::opmath_type<scalar_t>;
-        const scalar_t* tp = table.const_data_ptr<scalar_t>();
-        const int* yp = y0.const_data_ptr<int>();
-        const scalar_t* fyp = fy.const_data_ptr<scalar_t>();
-        const int* xp = x0.const_data_ptr<int>();
-        const scalar_t* fxp = fx.const_data_ptr<scalar_t>();
+        const Inputs<scalar_t> in(table, y0, fy, x0, fx);
         const scalar_t* gp = grad.const_data_ptr<scalar_t>();
         opmath_t* gtp = grad_table.mutable_data_ptr<opmath_t>();
         opmath_t* gyp = grad_fy.mutable_data_ptr<opmath_t>();
@@ -129,25 +144,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_bias_backward(
         at::parallel_for(0, d.Bg * d.R, 1, [&](int64_t beg, int64_t end) {
           for (int64_t bi = beg; bi < end; ++bi) {
             const int64_t b = bi / d.R;
-            const int* yi = yp + bi * d.Ns;
-            const scalar_t* wy = fyp + bi * d.Ns;
+            const int* yi = in.y0 + bi * d.Ns;
+            const scalar_t* wy = in.fy + bi * d.Ns;
             opmath_t* gfy = gyp + bi * d.Ns;
             for (int64_t h = 0; h < d.H; ++h) {
-              const scalar_t* T = tp + ((b % d.G) * d.H + h) * TT;
+              const scalar_t* T = in.table + ((b % d.G) * d.H + h) * TT;
               opmath_t* GT = gtp + (bi * d.H + h) * TT;
               for (int64_t j = 0; j < d.W; ++j) {
-                const int* xi = xp + (b * d.W + j) * d.Ns;
-                const scalar_t* wx = fxp + (b * d.W + j) * d.Ns;
+                const int* xi = in.x0 + (b * d.W + j) * d.Ns;
+                const scalar_t* wx = in.fx + (b * d.W + j) * d.Ns;
                 const scalar_t* go =
                     gp + ((((b * d.H + h) * d.R + bi % d.R) * d.W) + j) * d.Ns;
                 for (int64_t k = 0; k < d.Ns; ++k) {
                   const int64_t off = yi[k] * Tx + xi[k];
-                  const scalar_t* t = T + off;
                   const opmath_t g = go[k], fxk = wx[k], fyk = wy[k];
-                  const opmath_t t00 = t[0], t01 = t[1], t10 = t[Tx],
-                                 t11 = t[Tx + 1];
-                  const opmath_t top = t00 + fxk * (t01 - t00);
-                  const opmath_t bot = t10 + fxk * (t11 - t10);
+                  opmath_t top, bot;
+                  lerp_rows(T + off, Tx, fxk, top, bot);
                   gfy[k] += g * (bot - top);
                   const opmath_t gt = g - g * fyk, gb = g * fyk;
                   opmath_t* G = GT + off;
@@ -164,13 +176,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_bias_backward(
         at::parallel_for(0, d.Bg * d.W, 1, [&](int64_t beg, int64_t end) {
           for (int64_t bj = beg; bj < end; ++bj) {
             const int64_t b = bj / d.W, j = bj % d.W;
-            const int* xi = xp + bj * d.Ns;
-            const scalar_t* wy0 = fyp + b * d.R * d.Ns;
+            const int* xi = in.x0 + bj * d.Ns;
+            const scalar_t* wy0 = in.fy + b * d.R * d.Ns;
             opmath_t* gfx = gxp + bj * d.Ns;
             for (int64_t h = 0; h < d.H; ++h) {
-              const scalar_t* T = tp + ((b % d.G) * d.H + h) * TT;
+              const scalar_t* T = in.table + ((b % d.G) * d.H + h) * TT;
               for (int64_t i = 0; i < d.R; ++i) {
-                const int* yi = yp + (b * d.R + i) * d.Ns;
+                const int* yi = in.y0 + (b * d.R + i) * d.Ns;
                 const scalar_t* wy = wy0 + i * d.Ns;
                 const scalar_t* go =
                     gp + (((b * d.H + h) * d.R + i) * d.W + j) * d.Ns;
