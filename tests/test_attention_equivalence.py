@@ -40,26 +40,14 @@ def _compare_param_grads(fast, ref):
 
 
 @pytest.fixture(params=['fused', 'pytorch'])
-def bias_kernel(request, monkeypatch):
-    """The deformable bias from the compiled CPU kernel, or from the
-    pure-PyTorch fallback used where it cannot be built."""
-    from mmdat.models.attentions import deformable
+def cpu_ops(request, monkeypatch):
+    """The attention through the compiled CPU kernels, or through the
+    pure-PyTorch paths used where they cannot be built (and on CUDA)."""
+    from mmdat.models.attentions import ext
     if request.param == 'fused':
-        assert deformable.cpu_ops_available(), 'fused CPU kernel not built'
+        assert ext.cpu_ops_available(), 'fused CPU kernel not built'
     else:
-        monkeypatch.setattr(deformable, 'cpu_ops_available', lambda: False)
-    return request.param
-
-
-@pytest.fixture(params=['fused', 'pytorch'])
-def na_kernel(request, monkeypatch):
-    """Neighborhood attention from the compiled CPU kernel, or from the
-    tiled pure-PyTorch path used where it cannot be built (and on CUDA)."""
-    from mmdat.models.attentions import neighborhood
-    if request.param == 'fused':
-        assert neighborhood.cpu_ops_available(), 'fused CPU kernel not built'
-    else:
-        monkeypatch.setattr(neighborhood, 'cpu_ops_available', lambda: False)
+        monkeypatch.setattr(ext, 'cpu_ops_available', lambda: False)
     return request.param
 
 
@@ -73,7 +61,7 @@ def _pair(module):
 @pytest.mark.parametrize('hw', [(16, 24), (7, 7), (9, 30), (30, 8), (13, 17),
                                 (21, 11)])
 @pytest.mark.parametrize('kernel', [3, 7])
-def test_neighborhood_fast_equals_reference(hw, kernel, na_kernel):
+def test_neighborhood_fast_equals_reference(hw, kernel, cpu_ops):
     torch.manual_seed(0)
     m = NeighborhoodAttention(16, 2, kernel)
     with torch.no_grad():
@@ -83,7 +71,7 @@ def test_neighborhood_fast_equals_reference(hw, kernel, na_kernel):
 
 
 @pytest.mark.parametrize('hw', [(4, 6), (2, 3), (1, 5), (5, 1), (1, 1)])
-def test_neighborhood_smaller_than_kernel(hw, na_kernel):
+def test_neighborhood_smaller_than_kernel(hw, cpu_ops):
     torch.manual_seed(1)
     fast, ref = _pair(NeighborhoodAttention(8, 2, 7))
     _compare(fast, ref, torch.randn(1, 8, *hw, dtype=torch.float64))
@@ -97,7 +85,7 @@ def test_neighborhood_smaller_than_kernel(hw, na_kernel):
     dict(num_heads=4, num_groups=4, stride=1, offset_kernel=3, rpe_size=7),
     dict(num_heads=2, num_groups=2, stride=2, offset_kernel=2, rpe_size=1),
 ])
-def test_deformable_fast_equals_reference(hw, setting, bias_kernel):
+def test_deformable_fast_equals_reference(hw, setting, cpu_ops):
     torch.manual_seed(0)
     m = DeformableAttention(16, **setting)
     with torch.no_grad():
@@ -107,7 +95,7 @@ def test_deformable_fast_equals_reference(hw, setting, bias_kernel):
     _compare(fast, ref, torch.randn(2, 16, *hw, dtype=torch.float64))
 
 
-def test_deformable_chunked_path_equals_reference(monkeypatch, bias_kernel):
+def test_deformable_chunked_path_equals_reference(monkeypatch, cpu_ops):
     from mmdat.models.attentions import deformable
     monkeypatch.setattr(deformable, '_CHUNK_ELEMENTS', 200)
     torch.manual_seed(0)
@@ -149,8 +137,8 @@ def test_whole_backbone_fast_equals_reference(hw):
 def test_fused_bias_kernel_equals_pytorch(dtype):
     """``torch.ops.mmdat.deform_bias`` and its backward against the gathers
     of the pure-PyTorch path and autograd."""
-    from mmdat.models.attentions import deformable
-    assert deformable.cpu_ops_available()
+    from mmdat.models.attentions import deformable, ext
+    assert ext.cpu_ops_available()
     torch.manual_seed(0)
     B, g, hg, r, Ns, Ty, Tx, W = 2, 3, 2, 4, 11, 7, 9, 13
     f64 = dict(dtype=torch.float64)
@@ -178,8 +166,8 @@ def test_fused_bias_kernel_equals_pytorch(dtype):
 
 
 def test_fused_bias_kernel_rejects_bad_input():
-    from mmdat.models.attentions import deformable
-    assert deformable.cpu_ops_available()
+    from mmdat.models.attentions import ext
+    assert ext.cpu_ops_available()
     table = torch.zeros(1, 1, 3, 4)
     y0, fy = torch.zeros(1, 2, 3).int(), torch.zeros(1, 2, 3)
     with pytest.raises(RuntimeError, match='int32'):
@@ -192,8 +180,8 @@ def test_fused_bias_kernel_rejects_bad_input():
 
 
 def test_fused_neighborhood_kernel_rejects_bad_input():
-    from mmdat.models.attentions import neighborhood
-    assert neighborhood.cpu_ops_available()
+    from mmdat.models.attentions import ext
+    assert ext.cpu_ops_available()
     q = torch.zeros(1, 2, 5, 5, 4)
     with pytest.raises(RuntimeError, match='smaller than the kernel'):
         torch.ops.mmdat.neighborhood_attention(q, q, q, torch.zeros(2, 13, 13),

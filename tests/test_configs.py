@@ -54,14 +54,10 @@ REQUIRED = {
     ],
 }
 
-# The small DAT++ every model is shrunk to for the forward tests.
-SMALL_ARCH = dict(
-    dim_stem=32,
-    dims=[32, 64, 128, 256],
-    depths=[1, 1, 2, 1],
-    stage_spec=[['D'], ['D'], ['N', 'D'], ['D']],
-    heads=[1, 2, 4, 8],
-    groups=[1, 1, 2, 4])
+# The small DAT++ every model is shrunk to for the forward tests: the demo
+# configs' arch.
+SMALL_ARCH = Config.fromfile(osp.join(
+    ROOT, 'configs/_base_/dat_pp_demo_arch.py')).dat_demo_arch.to_dict()
 DIMS = dict(
     tiny=[64, 128, 256, 512],
     small=[96, 192, 384, 768],

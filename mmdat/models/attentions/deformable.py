@@ -18,7 +18,6 @@ Three exact formulations of the same computation:
 * ``flex`` (CUDA; what ``auto`` uses for inference there): ``flex_attention``
   with the bias computed inside the score function.
 """
-import functools
 from typing import Tuple
 
 import torch
@@ -28,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .common import (LayerNorm2d, check_impl, flex_attention,
                      normalized_grid, reference_grid, resolve_impl)
-from .ext import cpu_ops_available
+from .ext import use_cpu_ops
 
 # Elements of the (query-chunk x keys) bias block per head-batch kept alive at
 # once by the fast path; bounds its peak memory at large resolutions. GPUs
@@ -201,11 +200,7 @@ class DeformableAttention(nn.Module):
 
         score_mod = None
         if self.use_pe:
-            table = self.rpe_table.float()
-            if table.shape[-2] == 1:
-                table = torch.cat([table, table], 1)
-            if table.shape[-1] == 1:
-                table = torch.cat([table, table], 2)
+            table = _at_least_two_wide(self.rpe_table.float())
             Ty, Tx = table.shape[-2:]
             py = pos[..., 0].float().reshape(B, g, Ns).contiguous()
             px = pos[..., 1].float().reshape(B, g, Ns).contiguous()
@@ -268,20 +263,17 @@ class DeformableAttention(nn.Module):
             # tanh-bounded offsets (DAT v1) can leave the table: zero padding
             # of the reference lookup, materialised once
             bias = self._bias_reference(pos, H, W)
-            chunk = functools.partial(_plain_chunk, scale=self.scale)
             return _over_row_chunks(
-                lambda i0, i1: chunk(q[:, i0 * W:i1 * W], k, v,
-                                     bias[:, i0 * W:i1 * W]), H, rows, Bh, c)
-        table = self.rpe_table.to(pos.dtype)  # the bias in >= float32
-        # padded to >= 2 wide so that both bilinear corners always exist
-        table = table.repeat(1, 2 if table.shape[1] == 1 else 1,
-                             2 if table.shape[2] == 1 else 1)
+                lambda i0, i1: _plain_chunk(q[:, i0 * W:i1 * W], k, v,
+                                            bias[:, i0 * W:i1 * W],
+                                            self.scale), H, rows, Bh, c)
+        # the bias in >= float32
+        table = _at_least_two_wide(self.rpe_table.to(pos.dtype))
         table = table.reshape(self.num_groups, self.heads_per_group,
                               *table.shape[1:])
         y0, fy = _corner(pos[..., 0], H, self.rpe_table.shape[1])
         x0, fx = _corner(pos[..., 1], W, self.rpe_table.shape[2])
-        if (q.device.type == 'cpu' and cpu_ops_available()
-                and not _compiling()):
+        if use_cpu_ops(q):
             out = _BiasedAttention.apply(q, k, v, table, y0.int(), fy,
                                          x0.int(), fx, self.scale, rows)
             return out.transpose(1, 2)
@@ -299,8 +291,12 @@ class DeformableAttention(nn.Module):
         return _over_row_chunks(chunk, H, rows, Bh, c)
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
+def _at_least_two_wide(table: torch.Tensor) -> torch.Tensor:
+    """The bias table ``(h, Ty, Tx)`` with a 1-wide axis repeated (rpe size
+    1), so that both bilinear corners always exist; lookups into it land on
+    the first row/column (coordinate 0), as in the 1-wide original."""
+    return table.repeat(1, 2 if table.shape[1] == 1 else 1,
+                        2 if table.shape[2] == 1 else 1)
 
 
 def _over_row_chunks(chunk, H: int, rows: int, Bh: int, c: int):
@@ -354,7 +350,8 @@ def _column_lerp(rows, x0, fx):
     idx = (x0 + torch.arange(Ns, device=x0.device) * Tx).reshape(Bg, 1, 1, -1)
     shape = (Bg, hg, r, W * Ns)
     idx = idx.expand(shape)
-    out = torch.lerp(torch.gather(flat, 3, idx), torch.gather(flat, 3, idx + 1),
+    out = torch.lerp(torch.gather(flat, 3, idx),
+                     torch.gather(flat, 3, idx + 1),
                      fx.reshape(Bg, 1, 1, -1).expand(shape))
     return out.reshape(Bg, hg, r, W, Ns)
 

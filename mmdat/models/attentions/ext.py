@@ -5,9 +5,9 @@ attention) are compiled with the system C++ compiler through
 ``torch.utils.cpp_extension`` for this CPU (``-march=native``), cached under
 ``~/.cache/torch_extensions`` in a directory named after the CPU's features,
 so that a home directory shared between different machines never hands one
-of them code for another's instruction set (about 20 s, once). Where no compiler is available, or with
-``MMDAT_NO_EXT=1``, the attention falls back to its pure-PyTorch path with a
-single warning: same results, slower.
+of them code for another's instruction set (about 20 s, once). Where no
+compiler is available, or with ``MMDAT_NO_EXT=1``, the attention falls back
+to its pure-PyTorch path with a single warning: same results, slower.
 """
 import glob
 import hashlib
@@ -28,6 +28,14 @@ def cpu_ops_available() -> bool:
     if 'ok' not in _STATE:
         _STATE['ok'] = _load()
     return _STATE['ok']
+
+
+def use_cpu_ops(x: torch.Tensor) -> bool:
+    """Whether attention on ``x`` runs the fused CPU ops: a CPU tensor, in
+    eager mode (under ``torch.compile`` inductor gets the pure-PyTorch path,
+    the ops have no meta kernels), and the ops are built."""
+    return (x.device.type == 'cpu' and not torch.compiler.is_compiling()
+            and cpu_ops_available())
 
 
 def _load() -> bool:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .common import (check_impl, create_block_mask, flex_attention,
                      resolve_impl)
-from .ext import cpu_ops_available
+from .ext import use_cpu_ops
 
 
 def window_starts(n: int, k: int, device=None) -> torch.Tensor:
@@ -67,8 +67,7 @@ class NeighborhoodAttention(nn.Module):
             out = self._attend_reference(q, kk, v)
         elif impl == 'flex':
             out = self._attend_flex(q, kk, v)
-        elif (x.device.type == 'cpu' and cpu_ops_available()
-              and not torch.compiler.is_compiling()):
+        elif use_cpu_ops(x):
             out = _FusedNeighborhoodAttention.apply(
                 q, kk, v, self.rpb, self.kernel_size, self.scale)
         else:
