@@ -69,23 +69,58 @@ def test_auto_is_flex_for_cuda_inference_only():
     assert resolve_impl('auto', x) == 'fast'
 
 
-@pytest.mark.xfail(reason='flex backward did not match the reference on an '
-                   'H100 with torch 2.11 (session 2); auto does not use flex '
-                   'for training', strict=False)
-@pytest.mark.parametrize('hw', HW[:1])
-def test_flex_grads_equal_reference_fp32(hw):
-    flex, ref = _pair()
-    x = torch.randn(2, 3, *hw, device='cuda')
-    xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
-    of, orf = flex(xf), ref(xr)
-    sum((o * o).mean() for o in of).backward()
-    sum((o * o).mean() for o in orf).backward()
-    assert rel_err(xf.grad, xr.grad) <= 1e-3
+def _grads(model, x):
+    x = x.clone().requires_grad_()
+    outs = model(x)
+    outs = outs if isinstance(outs, (list, tuple)) else [outs]
+    sum((o * o).mean() for o in outs).backward()
+    return outs, x.grad
+
+
+def _assert_grads_close(flex, ref, x):
+    of, xf = _grads(flex, x)
+    orf, xr = _grads(ref, x)
+    for a, b in zip(of, orf):
+        assert rel_err(a, b) <= 1e-4
+    assert rel_err(xf, xr) <= 1e-3
     floor = max(float(p.grad.abs().max()) for p in ref.parameters())
     for (n, pf), (_, pr) in zip(flex.named_parameters(),
                                 ref.named_parameters()):
         scale = max(float(pr.grad.abs().max()), floor)
         assert float((pf.grad - pr.grad).abs().max()) <= 1e-3 * scale, n
+
+
+# key counts 96 and 120: not multiples of flex's 128-key blocks
+@pytest.mark.parametrize('kind,args,shape', [
+    ('deformable', (32, 2, 1, 8, 9, 8), (2, 32, 64, 96)),
+    ('deformable', (64, 4, 2, 4, 5, 16), (2, 64, 45, 37)),
+    ('neighborhood', (32, 2), (2, 32, 20, 13)),
+])
+def test_flex_module_grads_equal_reference_fp32(kind, args, shape):
+    from mmdat.models.attentions import (DeformableAttention,
+                                         NeighborhoodAttention)
+    cls = dict(deformable=DeformableAttention,
+               neighborhood=NeighborhoodAttention)[kind]
+    torch.manual_seed(0)
+    flex, ref = cls(*args, impl='flex').cuda(), cls(*args,
+                                                    impl='reference').cuda()
+    with torch.no_grad():
+        for n, p in flex.named_parameters():
+            if n.endswith(('rpe_table', 'rpb')):
+                p.normal_()
+    ref.load_state_dict(flex.state_dict())
+    _assert_grads_close(flex, ref, torch.randn(*shape, device='cuda'))
+
+
+@pytest.mark.xfail(reason='the whole-backbone flex backward did not match '
+                   'the reference on an H100 with torch 2.11 (session 2) '
+                   'although each module does (session 3), and was not '
+                   'rerun; auto does not use flex for training',
+                   strict=False)
+@pytest.mark.parametrize('hw', HW[:2])
+def test_flex_grads_equal_reference_fp32(hw):
+    flex, ref = _pair()
+    _assert_grads_close(flex, ref, torch.randn(2, 3, *hw, device='cuda'))
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])

@@ -1,36 +1,105 @@
-"""Quick CUDA check of the opt-in flex path: forward and gradients against the
-reference on a tiny model (one input size, fp32)."""
+"""Quick CUDA check of the flex path against the reference, fp32: outputs and
+every gradient, per tensor, for single deformable-attention modules (key
+counts that are and are not a multiple of flex's block size), for single
+neighborhood-attention modules, and for a tiny backbone (the slow part: flex
+compiles once per block shape)."""
+import argparse
 import time
+from functools import partial
 
 import torch
 
 from mmdat.models import DAT
+from mmdat.models.attentions.deformable import DeformableAttention
+from mmdat.models.attentions.neighborhood import NeighborhoodAttention
 
-torch.backends.cuda.matmul.allow_tf32 = False
-torch.backends.cudnn.allow_tf32 = False
 ARCH = dict(dim_stem=16, dims=[16, 32, 64, 64], depths=[2, 2, 2, 1],
             stage_spec=[['N', 'D'], ['D', 'N'], ['N', 'D'], ['D']],
             heads=[1, 2, 4, 4], groups=[1, 1, 2, 2])
-torch.manual_seed(0)
-flex = DAT(arch=ARCH, impl='flex').cuda()
-with torch.no_grad():
-    for n, p in flex.named_parameters():
-        if n.endswith(('rpe_table', 'rpb')):
-            p.normal_()
-ref = DAT(arch=ARCH, impl='reference').cuda()
-ref.load_state_dict(flex.state_dict())
-x = torch.randn(2, 3, 64, 96, device='cuda')
-t = time.time()
-xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
-of, orf = flex(xf), ref(xr)
-sum((o * o).mean() for o in of).backward()
-sum((o * o).mean() for o in orf).backward()
-print('compile+run s', round(time.time() - t, 1))
-rel = lambda a, b: float((a - b).abs().max() / b.abs().max())  # noqa
-print('out', [round(rel(a, b), 7) for a, b in zip(of, orf)])
-print('x.grad', rel(xf.grad, xr.grad))
-floor = max(float(p.grad.abs().max()) for p in ref.parameters())
-worst = max(float((pf.grad - pr.grad).abs().max()) / max(
-    float(pr.grad.abs().max()), floor) for pf, pr in zip(
-        flex.parameters(), ref.parameters()))
-print('param grads worst rel', worst)
+# (channels, heads, groups, stride, offset kernel, rpe size, H, W)
+DA_MODULES = [(32, 2, 1, 8, 9, 8, 64, 96),   # 96 keys: not a multiple of 128
+           (32, 2, 1, 2, 3, 8, 32, 32),   # 256 keys
+           (64, 4, 2, 4, 5, 16, 45, 37)]  # 120 keys, odd sizes, 2 groups
+
+# (channels, heads, H, W) of neighborhood attention
+NA_MODULES = [(32, 2, 20, 13), (64, 4, 7, 9)]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def compare(flex: torch.nn.Module, ref: torch.nn.Module, x: torch.Tensor,
+            tag: str) -> float:
+    """Forward + backward of both; prints the relative error of the outputs,
+    the input gradient and each parameter gradient; returns the worst."""
+    t = time.time()
+    xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    of, orf = flex(xf), ref(xr)
+    of = of if isinstance(of, (list, tuple)) else [of]
+    orf = orf if isinstance(orf, (list, tuple)) else [orf]
+    sum((o * o).mean() for o in of).backward()
+    sum((o * o).mean() for o in orf).backward()
+    torch.cuda.synchronize()
+    errs = {f'out{i}': rel(a, b) for i, (a, b) in enumerate(zip(of, orf))}
+    errs['x.grad'] = rel(xf.grad, xr.grad)
+    floor = max(float(p.grad.abs().max()) for p in ref.parameters()
+                if p.grad is not None)
+    for (n, pf), (_, pr) in zip(flex.named_parameters(),
+                                ref.named_parameters()):
+        if pr.grad is None:
+            continue
+        if pf.grad is None:
+            errs[n] = float('inf')
+            continue
+        errs[n] = float((pf.grad - pr.grad).abs().max()) / max(
+            float(pr.grad.abs().max()), floor)
+    worst = max(errs.values())
+    bad = {k: f'{v:.2e}' for k, v in errs.items() if v > 1e-4}
+    print(f'{tag}: {time.time() - t:.1f}s worst {worst:.2e} '
+          f'{"OK" if worst <= 1e-3 else "FAIL"} >1e-4: {bad}', flush=True)
+    return worst
+
+
+def randomise_biases(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(('rpe_table', 'rpb')):
+                p.normal_()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument('--only', choices=['da', 'na', 'backbone'])
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    cases = []  # (tag, module factory taking impl, input shape)
+    if args.only in (None, 'na'):
+        cases += [(f'NA C{C} h{h} {H}x{W}',
+                   partial(NeighborhoodAttention, C, h), (2, C, H, W))
+                  for C, h, H, W in NA_MODULES]
+    if args.only in (None, 'da'):
+        cases += [(f'DA C{C} h{h} g{g} r{r} {H}x{W}',
+                   partial(DeformableAttention, C, h, g, r, ks, rpe),
+                   (2, C, H, W))
+                  for C, h, g, r, ks, rpe, H, W in DA_MODULES]
+    for tag, make, shape in cases:
+        torch.manual_seed(0)
+        flex, ref = make(impl='flex').cuda(), make(impl='reference').cuda()
+        randomise_biases(flex)
+        ref.load_state_dict(flex.state_dict())
+        compare(flex, ref, torch.randn(*shape, device='cuda'), tag)
+    if args.only not in (None, 'backbone'):
+        return
+    torch.manual_seed(0)
+    flex = DAT(arch=ARCH, impl='flex').cuda()
+    randomise_biases(flex)
+    ref = DAT(arch=ARCH, impl='reference').cuda()
+    ref.load_state_dict(flex.state_dict())
+    compare(flex, ref, torch.randn(2, 3, 64, 96, device='cuda'),
+            'backbone 2x3x64x96')
+
+
+if __name__ == '__main__':
+    main()

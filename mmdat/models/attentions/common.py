@@ -21,9 +21,11 @@ def resolve_impl(impl: str, x: torch.Tensor) -> str:
     kernels, when this torch has them), else ``'fast'`` (the chunked exact
     path).
 
-    flex's forward matches the golden outputs on an H100 (torch 2.11), but
-    its gradients did not match the reference there, so with autograd on
-    (training) ``auto`` keeps the chunked path; ``impl='flex'`` forces it.
+    flex's forward matches the golden outputs on an H100 (torch 2.11), and
+    each attention module's gradients match the reference there, but a
+    whole-backbone gradient check failed once and has not been rerun, so with
+    autograd on (training) ``auto`` keeps the chunked path; ``impl='flex'``
+    forces flex.
     Nothing CUDA-specific is imported for CPU inputs.
     """
     if impl == 'auto':
