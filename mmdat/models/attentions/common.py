@@ -69,6 +69,32 @@ def create_block_mask(*args, **kwargs):
     return cbm(*args, _compile=True, **kwargs)
 
 
+def cpu_inference_fusable(x: torch.Tensor) -> bool:
+    """Whether the fused oneDNN (mkldnn) CPU convolutions may replace plain
+    ops for ``x``: a float CPU tensor, autograd off (they have no backward),
+    no autocast (they are not autocast-aware), not under ``torch.compile``
+    (which fuses by itself)."""
+    return (x.device.type == 'cpu' and not torch.is_grad_enabled()
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and not torch.is_autocast_enabled('cpu')
+            and not torch.compiler.is_compiling()
+            and torch.backends.mkldnn.is_available())
+
+
+def conv_add(conv: nn.Conv2d, x: torch.Tensor,
+             residual: torch.Tensor) -> torch.Tensor:
+    """``residual + conv(x)``; in CPU inference one oneDNN convolution with
+    the addition as a post-op (bit-identical, one pass over the output
+    instead of three)."""
+    if (cpu_inference_fusable(x) and conv.padding_mode == 'zeros'
+            and isinstance(conv.padding, tuple)):
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, residual, conv.weight, conv.bias, list(conv.padding),
+            list(conv.stride), list(conv.dilation), conv.groups, 'add', None,
+            None, [], None)
+    return residual + conv(x)
+
+
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channel dim of an NCHW map.
 

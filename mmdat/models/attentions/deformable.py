@@ -96,7 +96,7 @@ class DeformableAttention(nn.Module):
     def sampling_positions(self, q: torch.Tensor) -> torch.Tensor:
         """Normalised (y, x) key positions, shape ``(B*g, Hk, Wk, 2)``."""
         B, _, H, W = q.shape
-        q_off = q.reshape(B * self.num_groups, self.group_dim, H, W)
+        q_off = _group_batch(q, self.num_groups)
         ks = self.conv_offset[0].kernel_size[0]
         if self.conv_offset[0].padding[0] == 0 and (H < ks or W < ks):
             # unpadded offset conv (ks == stride) on a map smaller than its
@@ -127,7 +127,7 @@ class DeformableAttention(nn.Module):
         """Bilinear samples of ``x`` at ``pos``: ``(B, C, Hk, Wk)``."""
         B, C, H, W = x.shape
         sampled = F.grid_sample(
-            x.reshape(B * self.num_groups, self.group_dim, H, W),
+            _group_batch(x, self.num_groups),
             pos.flip(-1), mode='bilinear', padding_mode='zeros',
             align_corners=True)
         return sampled.reshape(B, C, *pos.shape[1:3])
@@ -160,7 +160,7 @@ class DeformableAttention(nn.Module):
             out = self._attend_flex(q, k, v, pos, H, W)
         else:
             out = self._attend_fast(q, k, v, pos, H, W)
-        out = self.proj_out(out.reshape(B, C, H, W))
+        out = self.proj_out(out)
         return out, pos
 
     # --------------------------------------------------------- reference path
@@ -170,7 +170,8 @@ class DeformableAttention(nn.Module):
         if self.use_pe:
             attn = attn + self._bias_reference(pos, H, W)
         attn = attn.softmax(dim=-1)
-        return torch.einsum('bmn,bcn->bcm', attn, v)
+        out = torch.einsum('bmn,bcn->bcm', attn, v)
+        return out.reshape(-1, self.dim, H, W)
 
     def _bias_reference(self, pos, H, W):
         Bg, Hk, Wk, _ = pos.shape
@@ -240,7 +241,7 @@ class DeformableAttention(nn.Module):
 
         out = flex_attention(heads(q), heads(k), heads(v),
                              score_mod=score_mod, scale=self.scale)
-        return out.transpose(2, 3).reshape(Bh, c, M)
+        return out.transpose(2, 3).reshape(-1, self.dim, H, W)
 
     # -------------------------------------------------------------- fast path
     def _attend_fast(self, q, k, v, pos, H, W):
@@ -256,17 +257,18 @@ class DeformableAttention(nn.Module):
         v = v.transpose(1, 2).contiguous()
         if not self.use_pe:
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-            return out.transpose(1, 2)
+            return out.transpose(1, 2).reshape(-1, self.dim, H, W)
         Ns = k.shape[1]
         rows = max(1, min(H, _chunk_elements(q.device) // max(1, Bh * W * Ns)))
         if self.offset_range_factor >= 0:
             # tanh-bounded offsets (DAT v1) can leave the table: zero padding
             # of the reference lookup, materialised once
             bias = self._bias_reference(pos, H, W)
-            return _over_row_chunks(
+            out = _over_row_chunks(
                 lambda i0, i1: _plain_chunk(q[:, i0 * W:i1 * W], k, v,
                                             bias[:, i0 * W:i1 * W],
-                                            self.scale), H, rows, Bh, c)
+                                            self.scale), H, rows)
+            return out.reshape(-1, self.dim, H, W)
         # the bias in >= float32
         table = _at_least_two_wide(self.rpe_table.to(pos.dtype))
         table = table.reshape(self.num_groups, self.heads_per_group,
@@ -275,8 +277,10 @@ class DeformableAttention(nn.Module):
         x0, fx = _corner(pos[..., 1], W, self.rpe_table.shape[2])
         if use_cpu_ops(q):
             out = _BiasedAttention.apply(q, k, v, table, y0.int(), fy,
-                                         x0.int(), fx, self.scale, rows)
-            return out.transpose(1, 2)
+                                         x0.int(), fx, self.scale, rows,
+                                         self.num_heads)
+            # (B, M, h, c) memory: a channels-last map without a copy
+            return out.view(-1, H, W, out.shape[2] * c).permute(0, 3, 1, 2)
 
         def chunk(i0, i1):
             args = (q[:, i0 * W:i1 * W], k, v, table, y0[:, i0:i1],
@@ -288,7 +292,25 @@ class DeformableAttention(nn.Module):
                 return checkpoint(_biased_chunk, *args, use_reentrant=False)
             return _biased_chunk(*args)
 
-        return _over_row_chunks(chunk, H, rows, Bh, c)
+        return _over_row_chunks(chunk, H, rows).reshape(-1, self.dim, H, W)
+
+
+def _group_batch(t: torch.Tensor, g: int) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B*g, C/g, H, W)``.
+
+    A channels-last map stays channels-last, copied in runs of ``C/g``
+    channels: a plain reshape gives strides that no convolution kernel takes,
+    and the convolution then transposes the whole map to NCHW (~10x slower).
+    """
+    if g == 1:
+        return t
+    B, C, H, W = t.shape
+    if t.is_contiguous() or not t.is_contiguous(
+            memory_format=torch.channels_last):
+        return t.reshape(B * g, C // g, H, W)
+    runs = t.permute(0, 2, 3, 1).reshape(B, H, W, g, C // g)
+    runs = runs.permute(0, 3, 1, 2, 4).contiguous().view(B * g, H, W, C // g)
+    return runs.permute(0, 3, 1, 2)
 
 
 def _at_least_two_wide(table: torch.Tensor) -> torch.Tensor:
@@ -299,9 +321,9 @@ def _at_least_two_wide(table: torch.Tensor) -> torch.Tensor:
                         2 if table.shape[2] == 1 else 1)
 
 
-def _over_row_chunks(chunk, H: int, rows: int, Bh: int, c: int):
-    """Concatenate ``chunk(i0, i1)`` outputs ``(Bh, rows*W, c)`` over the
-    query rows; returns ``(Bh, c, H*W)``."""
+def _over_row_chunks(chunk, H: int, rows: int) -> torch.Tensor:
+    """Concatenate ``chunk(i0, i1)`` outputs ``(B*h, rows*W, c)`` over the
+    query rows; returns ``(B*h, c, H*W)``."""
     outs = [chunk(i0, min(H, i0 + rows)) for i0 in range(0, H, rows)]
     out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
     return out.transpose(1, 2)
@@ -363,6 +385,23 @@ def _biased_chunk(q, k, v, table, y0, fy, x0, fx, scale):
                         scale)
 
 
+def _chunk_buffer(like: torch.Tensor, Bh: int, rows: int, W: int,
+                  Ns: int) -> torch.Tensor:
+    """Flat buffer for one chunk's (queries x keys) block, reused by every
+    chunk: a fresh block of this size would be page-faulted in each time,
+    which costs more than filling it."""
+    return like.new_empty(Bh * rows * W * Ns)
+
+
+def _bias_into(buf, table, y0, fy, x0, fx):
+    """The fused bias of a chunk, written into the front of ``buf``;
+    ``(B*h, r*W, Ns)``."""
+    Bg, r, Ns = y0.shape
+    n = Bg * table.shape[1] * r * x0.shape[1] * Ns
+    out = torch.ops.mmdat.deform_bias_out(table, y0, fy, x0, fx, buf[:n])
+    return out.view(Bg * table.shape[1], -1, Ns)
+
+
 def _plain_chunk(q, k, v, bias, scale):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
                                           scale=scale)
@@ -381,18 +420,19 @@ class _BiasedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, table, y0, fy, x0, fx, scale, rows):
+    def forward(ctx, q, k, v, table, y0, fy, x0, fx, scale, rows, heads):
         Bh, M, c = q.shape
         H = y0.shape[1]
         W = M // H
-        out = q.new_empty(Bh, M, c)
+        out = q.new_empty(Bh // heads, M, heads, c)
+        bias_buf = _chunk_buffer(table, Bh, rows, W, k.shape[1])
         for i0 in range(0, H, rows):
             i1 = min(H, i0 + rows)
-            bias = torch.ops.mmdat.deform_bias(table, y0[:, i0:i1],
-                                               fy[:, i0:i1], x0, fx)
-            out[:, i0 * W:i1 * W] = _plain_chunk(
-                q[:, i0 * W:i1 * W], k, v, bias.reshape(Bh, -1, k.shape[1]),
-                scale)
+            bias = _bias_into(bias_buf, table, y0[:, i0:i1], fy[:, i0:i1],
+                              x0, fx)
+            chunk = _plain_chunk(q[:, i0 * W:i1 * W], k, v, bias, scale)
+            out[:, i0 * W:i1 * W] = chunk.unflatten(0, (-1, heads)).transpose(
+                1, 2)
             del bias
         ctx.save_for_backward(q, k, v, table, y0, fy, x0, fx, out)
         ctx.scale, ctx.rows = scale, rows
@@ -407,7 +447,9 @@ class _BiasedAttention(torch.autograd.Function):
         H = y0.shape[1]
         W = M // H
         need_bias = any(ctx.needs_input_grad[i] for i in (3, 5, 7))
-        grad_out = grad_out.to(q.dtype)
+        # (B, M, h, c) -> (B*h, M, c)
+        out = out.transpose(1, 2).reshape(Bh, M, c)
+        grad_out = grad_out.to(q.dtype).transpose(1, 2).reshape(Bh, M, c)
         grad_q = torch.empty_like(q)
         grad_k = torch.zeros_like(k)
         grad_v = torch.zeros_like(v)
@@ -415,18 +457,21 @@ class _BiasedAttention(torch.autograd.Function):
         grad_table = torch.zeros_like(table) if need_bias else None
         grad_fy = torch.zeros_like(fy) if need_bias else None
         grad_fx = torch.zeros_like(fx) if need_bias else None
+        Ns = k.shape[1]
+        bias_buf = _chunk_buffer(table, Bh, rows, W, Ns)
+        grad_buf = _chunk_buffer(q, Bh, rows, W, Ns)
         for i0 in range(0, H, rows):
             i1 = min(H, i0 + rows)
             sl = slice(i0 * W, i1 * W)
             q_c, go_c = q[:, sl], grad_out[:, sl]
             y0_c, fy_c = y0[:, i0:i1], fy[:, i0:i1]
-            bias = torch.ops.mmdat.deform_bias(table, y0_c, fy_c, x0, fx)
-            bias = bias.reshape(Bh, -1, k.shape[1]).to(q.dtype)
-            attn = torch.baddbmm(bias, q_c, k.transpose(1, 2), alpha=scale)
-            del bias
-            attn = attn.softmax(-1)
+            # logits, then probabilities, in place in the bias buffer
+            attn = _bias_into(bias_buf, table, y0_c, fy_c, x0, fx).to(q.dtype)
+            attn.baddbmm_(q_c, k.transpose(1, 2), alpha=scale)
+            torch.ops.aten._softmax.out(attn, -1, False, out=attn)
             grad_v.baddbmm_(attn.transpose(1, 2), go_c)
-            grad_attn = torch.bmm(go_c, v.transpose(1, 2))
+            grad_attn = torch.bmm(go_c, v.transpose(1, 2),
+                                  out=grad_buf[:attn.numel()].view_as(attn))
             delta = (go_c * out[:, sl]).sum(-1, keepdim=True)
             grad_logits = grad_attn.sub_(delta).mul_(attn)  # softmax backward
             del attn
@@ -443,4 +488,4 @@ class _BiasedAttention(torch.autograd.Function):
                 grad_fx += g_fx
         grad_q.mul_(scale)
         return (grad_q, grad_k, grad_v, grad_table, None, grad_fy, None,
-                grad_fx, None, None)
+                grad_fx, None, None, None)

@@ -16,7 +16,8 @@ from mmengine.model.weight_init import trunc_normal_
 
 from ..attentions import (DeformableAttention, LayerNorm2d,
                           NeighborhoodAttention, WindowAttention)
-from ..attentions.common import check_impl
+from ..attentions.common import (check_impl, conv_add,
+                                 cpu_inference_fusable)
 
 NUM_STAGES = 4
 BLOCK_LETTERS = ('N', 'D', 'L', 'S')
@@ -151,8 +152,11 @@ class ConvFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.linear1(x)
-        x = x + self.dwc(x)
-        return self.linear2(self.act(x))
+        x = conv_add(self.dwc, x, x)
+        # in inference the sum is a fresh tensor: GELU in place
+        x = (torch.ops.aten.gelu_(x) if cpu_inference_fusable(x)
+             else self.act(x))
+        return self.linear2(x)
 
 
 class MLP(nn.Module):
@@ -231,7 +235,7 @@ class DATStage(nn.Module):
 
     def block(self, d: int, x: torch.Tensor) -> torch.Tensor:
         if self.use_lpu:
-            x = x + self.local_perception_units[d](x)
+            x = conv_add(self.local_perception_units[d], x, x)
         x = x + self.drop_path[d](self.attns[d](self.layer_norms[2 * d](x)))
         x = x + self.drop_path[d](self.mlps[d](self.layer_norms[2 * d + 1](x)))
         return x

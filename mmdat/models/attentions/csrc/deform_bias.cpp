@@ -16,6 +16,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 struct Dims {
@@ -28,6 +32,8 @@ Dims check_inputs(const at::Tensor& table, const at::Tensor& y0,
   TORCH_CHECK(table.dim() == 4, "table must be (g, h, Ty, Tx)");
   TORCH_CHECK(table.size(2) >= 2 && table.size(3) >= 2,
               "table must be at least 2x2 (pad it)");
+  TORCH_CHECK(table.size(2) * table.size(3) < (int64_t{1} << 31),
+              "table rows x columns must fit 32-bit offsets");
   TORCH_CHECK(y0.dim() == 3 && fy.dim() == 3, "y0/fy must be (B*g, r, Ns)");
   TORCH_CHECK(x0.dim() == 3 && fx.dim() == 3, "x0/fx must be (B*g, W, Ns)");
   TORCH_CHECK(y0.scalar_type() == at::kInt && x0.scalar_type() == at::kInt,
@@ -62,32 +68,108 @@ struct Inputs {
         fx(wx.const_data_ptr<scalar_t>()) {}
 };
 
-// Column interpolation of the two table rows at t (row stride Tx).
+// Column interpolation of the two table rows at flat offset `off` (row
+// stride tx). Offsets are 32-bit and indexed from one base pointer so that
+// the compiler vectorises the key loops with gathers.
 template <typename opmath_t, typename scalar_t>
-inline void lerp_rows(const scalar_t* t, int64_t Tx, opmath_t fx,
+inline void lerp_rows(const scalar_t* T, int off, int tx, opmath_t fx,
                       opmath_t& top, opmath_t& bot) {
-  const opmath_t t00 = t[0], t01 = t[1], t10 = t[Tx], t11 = t[Tx + 1];
+  const opmath_t t00 = T[off], t01 = T[off + 1], t10 = T[off + tx],
+                 t11 = T[off + tx + 1];
   top = t00 + fx * (t01 - t00);
   bot = t10 + fx * (t11 - t10);
 }
 
-at::Tensor deform_bias_forward(const at::Tensor& table_in,
-                               const at::Tensor& y0_in,
-                               const at::Tensor& fy_in,
-                               const at::Tensor& x0_in,
-                               const at::Tensor& fx_in) {
+// One output row: the bias of one query against keys 0..Ns-1.
+template <typename scalar_t>
+inline void bias_row(const scalar_t* T, const int* yi, const scalar_t* wy,
+                     const int* xi, const scalar_t* wx, int tx, int64_t Ns,
+                     scalar_t* o) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  for (int64_t k = 0; k < Ns; ++k) {
+    const opmath_t fxk = wx[k], fyk = wy[k];
+    opmath_t top, bot;
+    lerp_rows(T, yi[k] * tx + xi[k], tx, fxk, top, bot);
+    o[k] = top + fyk * (bot - top);
+  }
+}
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+// float32: the table corners are fetched with gather instructions (the
+// compiler does not vectorise the scalar loop by itself).
+template <>
+inline void bias_row<float>(const float* T, const int* yi, const float* wy,
+                            const int* xi, const float* wx, int tx,
+                            int64_t Ns, float* o) {
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  const __m512i vtx = _mm512_set1_epi32(tx);
+  for (; k + 16 <= Ns; k += 16) {
+    const __m512i off = _mm512_add_epi32(
+        _mm512_mullo_epi32(_mm512_loadu_si512(yi + k), vtx),
+        _mm512_loadu_si512(xi + k));
+    const __m512i off_b = _mm512_add_epi32(off, vtx);
+    const __m512 fx = _mm512_loadu_ps(wx + k), fy = _mm512_loadu_ps(wy + k);
+    const __m512 t00 = _mm512_i32gather_ps(off, T, 4);
+    const __m512 t01 = _mm512_i32gather_ps(off, T + 1, 4);
+    const __m512 t10 = _mm512_i32gather_ps(off_b, T, 4);
+    const __m512 t11 = _mm512_i32gather_ps(off_b, T + 1, 4);
+    const __m512 top = _mm512_fmadd_ps(fx, _mm512_sub_ps(t01, t00), t00);
+    const __m512 bot = _mm512_fmadd_ps(fx, _mm512_sub_ps(t11, t10), t10);
+    _mm512_storeu_ps(o + k,
+                     _mm512_fmadd_ps(fy, _mm512_sub_ps(bot, top), top));
+  }
+#else
+  const __m256i vtx = _mm256_set1_epi32(tx);
+  for (; k + 8 <= Ns; k += 8) {
+    const __m256i off = _mm256_add_epi32(
+        _mm256_mullo_epi32(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(yi + k)),
+            vtx),
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xi + k)));
+    const __m256i off_b = _mm256_add_epi32(off, vtx);
+    const __m256 fx = _mm256_loadu_ps(wx + k), fy = _mm256_loadu_ps(wy + k);
+    const __m256 t00 = _mm256_i32gather_ps(T, off, 4);
+    const __m256 t01 = _mm256_i32gather_ps(T + 1, off, 4);
+    const __m256 t10 = _mm256_i32gather_ps(T, off_b, 4);
+    const __m256 t11 = _mm256_i32gather_ps(T + 1, off_b, 4);
+    const __m256 top = _mm256_fmadd_ps(fx, _mm256_sub_ps(t01, t00), t00);
+    const __m256 bot = _mm256_fmadd_ps(fx, _mm256_sub_ps(t11, t10), t10);
+    _mm256_storeu_ps(o + k,
+                     _mm256_fmadd_ps(fy, _mm256_sub_ps(bot, top), top));
+  }
+#endif
+  for (; k < Ns; ++k) {
+    float top, bot;
+    lerp_rows(T, yi[k] * tx + xi[k], tx, wx[k], top, bot);
+    o[k] = top + wy[k] * (bot - top);
+  }
+}
+#endif
+
+// Writes into `out` (contiguous, (B*g, h, r, W, Ns) elements): callers
+// reuse one buffer across query chunks, since a fresh allocation of this
+// size is page-faulted in again each time and that costs more than the
+// lookup itself.
+at::Tensor& deform_bias_out(const at::Tensor& table_in,
+                            const at::Tensor& y0_in, const at::Tensor& fy_in,
+                            const at::Tensor& x0_in, const at::Tensor& fx_in,
+                            at::Tensor& out) {
   const Dims d = check_inputs(table_in, y0_in, fy_in, x0_in, fx_in);
   auto table = table_in.contiguous();
   auto y0 = y0_in.contiguous(), fy = fy_in.contiguous();
   auto x0 = x0_in.contiguous(), fx = fx_in.contiguous();
-  auto out = at::empty({d.Bg, d.H, d.R, d.W, d.Ns}, table.options());
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == table.scalar_type()
+                  && out.numel() == d.Bg * d.H * d.R * d.W * d.Ns,
+              "out must be contiguous, of the table's dtype, with "
+              "(B*g, h, r, W, Ns) elements");
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, table.scalar_type(), "deform_bias_forward",
       [&] {
         using opmath_t = at::opmath_type<scalar_t>;
         const Inputs<scalar_t> in(table, y0, fy, x0, fx);
         scalar_t* op = out.mutable_data_ptr<scalar_t>();
-        const int64_t Tx = d.Tx;
+        const int tx = static_cast<int>(d.Tx);
         at::parallel_for(
             0, d.Bg * d.H * d.R * d.W, 1, [&](int64_t beg, int64_t end) {
               for (int64_t n = beg; n < end; ++n) {
@@ -100,17 +182,19 @@ at::Tensor deform_bias_forward(const at::Tensor& table_in,
                 const scalar_t* wy = in.fy + (b * d.R + i) * d.Ns;
                 const int* xi = in.x0 + (b * d.W + j) * d.Ns;
                 const scalar_t* wx = in.fx + (b * d.W + j) * d.Ns;
-                scalar_t* o = op + n * d.Ns;
-                for (int64_t k = 0; k < d.Ns; ++k) {
-                  const opmath_t fxk = wx[k], fyk = wy[k];
-                  opmath_t top, bot;
-                  lerp_rows(T + yi[k] * Tx + xi[k], Tx, fxk, top, bot);
-                  o[k] = top + fyk * (bot - top);
-                }
+                bias_row(T, yi, wy, xi, wx, tx, d.Ns, op + n * d.Ns);
               }
             });
       });
   return out;
+}
+
+at::Tensor deform_bias_forward(const at::Tensor& table,
+                               const at::Tensor& y0, const at::Tensor& fy,
+                               const at::Tensor& x0, const at::Tensor& fx) {
+  const Dims d = check_inputs(table, y0, fy, x0, fx);
+  auto out = at::empty({d.Bg, d.H, d.R, d.W, d.Ns}, table.options());
+  return deform_bias_out(table, y0, fy, x0, fx, out);
 }
 
 // Gradients with respect to the table (per (batch, query row): summed by
@@ -139,7 +223,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_bias_backward(
         opmath_t* gtp = grad_table.mutable_data_ptr<opmath_t>();
         opmath_t* gyp = grad_fy.mutable_data_ptr<opmath_t>();
         opmath_t* gxp = grad_fx.mutable_data_ptr<opmath_t>();
-        const int64_t Tx = d.Tx, TT = d.Ty * d.Tx;
+        const int tx = static_cast<int>(d.Tx);
+        const int64_t TT = d.Ty * d.Tx;
         // table and fy: each (b, i) owns its slices
         at::parallel_for(0, d.Bg * d.R, 1, [&](int64_t beg, int64_t end) {
           for (int64_t bi = beg; bi < end; ++bi) {
@@ -156,17 +241,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_bias_backward(
                 const scalar_t* go =
                     gp + ((((b * d.H + h) * d.R + bi % d.R) * d.W) + j) * d.Ns;
                 for (int64_t k = 0; k < d.Ns; ++k) {
-                  const int64_t off = yi[k] * Tx + xi[k];
+                  const int off = yi[k] * tx + xi[k];
                   const opmath_t g = go[k], fxk = wx[k], fyk = wy[k];
                   opmath_t top, bot;
-                  lerp_rows(T + off, Tx, fxk, top, bot);
+                  lerp_rows(T, off, tx, fxk, top, bot);
                   gfy[k] += g * (bot - top);
                   const opmath_t gt = g - g * fyk, gb = g * fyk;
                   opmath_t* G = GT + off;
                   G[0] += gt - gt * fxk;
                   G[1] += gt * fxk;
-                  G[Tx] += gb - gb * fxk;
-                  G[Tx + 1] += gb * fxk;
+                  G[tx] += gb - gb * fxk;
+                  G[tx + 1] += gb * fxk;
                 }
               }
             }
@@ -187,11 +272,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_bias_backward(
                 const scalar_t* go =
                     gp + (((b * d.H + h) * d.R + i) * d.W + j) * d.Ns;
                 for (int64_t k = 0; k < d.Ns; ++k) {
-                  const scalar_t* t = T + yi[k] * Tx + xi[k];
+                  const int off = yi[k] * tx + xi[k];
                   const opmath_t fyk = wy[k];
-                  const opmath_t dtop = opmath_t(t[1]) - opmath_t(t[0]);
+                  const opmath_t dtop =
+                      opmath_t(T[off + 1]) - opmath_t(T[off]);
                   const opmath_t dbot =
-                      opmath_t(t[Tx + 1]) - opmath_t(t[Tx]);
+                      opmath_t(T[off + tx + 1]) - opmath_t(T[off + tx]);
                   gfx[k] += opmath_t(go[k]) * (dtop + fyk * (dbot - dtop));
                 }
               }
@@ -210,11 +296,15 @@ TORCH_LIBRARY(mmdat, m) {
       "deform_bias(Tensor table, Tensor y0, Tensor fy, Tensor x0, Tensor fx)"
       " -> Tensor");
   m.def(
+      "deform_bias_out(Tensor table, Tensor y0, Tensor fy, Tensor x0, "
+      "Tensor fx, Tensor(a!) out) -> Tensor(a!)");
+  m.def(
       "deform_bias_backward(Tensor grad, Tensor table, Tensor y0, Tensor fy,"
       " Tensor x0, Tensor fx) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mmdat, CPU, m) {
   m.impl("deform_bias", &deform_bias_forward);
+  m.impl("deform_bias_out", &deform_bias_out);
   m.impl("deform_bias_backward", &deform_bias_backward);
 }
