@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .common import (LayerNorm2d, check_impl, flex_attention,
                      normalized_grid, reference_grid, resolve_impl)
-from .ext import use_cpu_ops
+from .ext import fused_deform_attention_available, use_cpu_ops
 
 # Elements of the (query-chunk x keys) bias block per head-batch kept alive at
 # once by the fast path; bounds its peak memory at large resolutions. GPUs
@@ -244,12 +244,38 @@ class DeformableAttention(nn.Module):
         return out.transpose(2, 3).reshape(-1, self.dim, H, W)
 
     # -------------------------------------------------------------- fast path
+    def _bias_lookup(self, pos, H, W):
+        """Bias table ``(g, hg, Ty, Tx)`` in >= float32 and the lookup's
+        row/column corners and fractions (see :func:`_corner`)."""
+        table = _at_least_two_wide(self.rpe_table.to(pos.dtype))
+        table = table.reshape(self.num_groups, self.heads_per_group,
+                              *table.shape[1:])
+        y0, fy = _corner(pos[..., 0], H, self.rpe_table.shape[1])
+        x0, fx = _corner(pos[..., 1], W, self.rpe_table.shape[2])
+        return table, y0, fy, x0, fx
+
+    def _attend_fused_cpu(self, q, k, v, pos, H, W):
+        """float32 CPU inference: one kernel per (head, query-row tile) does
+        bias, scores, softmax and values in cache
+        (``torch.ops.mmdat.deform_attention_infer``)."""
+        table, y0, fy, x0, fx = self._bias_lookup(pos, H, W)
+        # (B, M, h, c): a view of a channels-last q, no copy
+        q = q.unflatten(0, (-1, self.num_heads)).permute(0, 3, 1, 2)
+        out = torch.ops.mmdat.deform_attention_infer(
+            q.contiguous(), k.contiguous(), v.transpose(1, 2).contiguous(),
+            table, y0.int(), fy, x0.int(), fx, self.scale)
+        return out.view(-1, H, W, self.dim).permute(0, 3, 1, 2)
+
     def _attend_fast(self, q, k, v, pos, H, W):
         # Queries are processed in chunks of rows; each chunk's bias is built
         # in the (queries x keys) layout and handed to
         # scaled_dot_product_attention as its additive mask, so neither the
         # displacement nor the full bias/attention matrix ever exists.
         Bh, c, M = q.shape
+        if (self.use_pe and self.offset_range_factor < 0 and use_cpu_ops(q)
+                and not torch.is_grad_enabled() and q.dtype == torch.float32
+                and c % 16 == 0 and fused_deform_attention_available()):
+            return self._attend_fused_cpu(q, k, v, pos, H, W)
         # (Bh, M, c) and (Bh, Ns, c), contiguous: the fused CPU kernel of
         # scaled_dot_product_attention needs it (else the slow math path)
         q = q.transpose(1, 2).contiguous()
@@ -269,12 +295,7 @@ class DeformableAttention(nn.Module):
                                             bias[:, i0 * W:i1 * W],
                                             self.scale), H, rows)
             return out.reshape(-1, self.dim, H, W)
-        # the bias in >= float32
-        table = _at_least_two_wide(self.rpe_table.to(pos.dtype))
-        table = table.reshape(self.num_groups, self.heads_per_group,
-                              *table.shape[1:])
-        y0, fy = _corner(pos[..., 0], H, self.rpe_table.shape[1])
-        x0, fx = _corner(pos[..., 1], W, self.rpe_table.shape[2])
+        table, y0, fy, x0, fx = self._bias_lookup(pos, H, W)
         if use_cpu_ops(q):
             out = _BiasedAttention.apply(q, k, v, table, y0.int(), fy,
                                          x0.int(), fx, self.scale, rows,

@@ -38,6 +38,15 @@ def use_cpu_ops(x: torch.Tensor) -> bool:
             and cpu_ops_available())
 
 
+def fused_deform_attention_available() -> bool:
+    """Whether the one-pass deformable attention kernel for float32
+    inference (AVX-512 builds) is there."""
+    if 'fused_da' not in _STATE:
+        _STATE['fused_da'] = (cpu_ops_available() and bool(
+            torch.ops.mmdat.has_fused_deform_attention()))
+    return _STATE['fused_da']
+
+
 def _load() -> bool:
     if os.environ.get('MMDAT_NO_EXT', '') not in ('', '0'):
         return False

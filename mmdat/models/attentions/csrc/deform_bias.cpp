@@ -289,6 +289,190 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_bias_backward(
   return {grad_table.to(dt), grad_fy.to(dt), grad_fx.to(dt)};
 }
 
+// ---------------------------------------------------------------------------
+// The whole deformable attention for inference, float32 with AVX-512: per
+// tile of up to kTileQ queries of one query row and one head, the bias is
+// written straight into the score tile, q.k added, then the softmax and the
+// weighted sum of the values, all while the tile is in cache. Nothing of
+// size (queries x keys) goes to memory, and there is no mask for
+// scaled_dot_product_attention to read back.
+//
+// q, out: (B, M, h, c) (the channels-last layout of the maps); kt: (B*h, c,
+// Ns); v: (B*h, Ns, c); c % 16 == 0; bias inputs as above, with r = H.
+
+#if defined(__AVX512F__)
+constexpr int64_t kTileQ = 32;
+
+// exp(x) for x <= 0 (scores minus their row maximum): Cephes' expf
+// polynomial, with 2^n applied by vscalefps (underflows gracefully to 0).
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  const __m512 n = _mm512_roundscale_ps(
+      _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r,
+                      _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 tail_mask(int64_t s0, int64_t Ns) {
+  return s0 + 16 <= Ns ? __mmask16(0xFFFF)
+                       : __mmask16((1u << (Ns - s0)) - 1);
+}
+
+// S[r][s0:s0+16] += sum_t qs[r][t] * kt[t][s0:s0+16] for NR rows.
+template <int NR>
+inline void add_scores(const float* qs, int64_t c, const float* kt,
+                       int64_t Ns, int64_t s0, __mmask16 m, float* S,
+                       int64_t ldS) {
+  __m512 acc[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = _mm512_loadu_ps(S + r * ldS + s0);
+  for (int64_t t = 0; t < c; ++t) {
+    const __m512 kv = _mm512_maskz_loadu_ps(m, kt + t * Ns + s0);
+    for (int r = 0; r < NR; ++r)
+      acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(qs[r * c + t]), kv, acc[r]);
+  }
+  for (int r = 0; r < NR; ++r) _mm512_storeu_ps(S + r * ldS + s0, acc[r]);
+}
+
+// o[r][t0:t0+16] = inv[r] * sum_s P[r][s] * v[s][t0:t0+16] for NR rows.
+template <int NR>
+inline void weighted_values(const float* P, int64_t ldS, const float* v,
+                            int64_t Ns, int64_t c, int64_t t0,
+                            const float* inv, float* const* o) {
+  __m512 acc[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < Ns; ++s) {
+    const __m512 vv = _mm512_loadu_ps(v + s * c + t0);
+    for (int r = 0; r < NR; ++r)
+      acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(P[r * ldS + s]), vv, acc[r]);
+  }
+  for (int r = 0; r < NR; ++r)
+    _mm512_storeu_ps(o[r] + t0, _mm512_mul_ps(acc[r], _mm512_set1_ps(inv[r])));
+}
+
+// Softmax numerators of one score row in place (tail zeroed); returns
+// 1 / their sum.
+inline float exp_row(float* Sr, int64_t Ns) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t s0 = 0; s0 < Ns; s0 += 16)
+    mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY),
+                                                tail_mask(s0, Ns), Sr + s0));
+  const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t s0 = 0; s0 < Ns; s0 += 16) {
+    const __m512 e = _mm512_maskz_mov_ps(
+        tail_mask(s0, Ns),
+        exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(Sr + s0), vmax)));
+    _mm512_storeu_ps(Sr + s0, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  return 1.f / _mm512_reduce_add_ps(sum);
+}
+
+at::Tensor deform_attention_infer(const at::Tensor& q_in,
+                                  const at::Tensor& kt_in,
+                                  const at::Tensor& v_in,
+                                  const at::Tensor& table_in,
+                                  const at::Tensor& y0_in,
+                                  const at::Tensor& fy_in,
+                                  const at::Tensor& x0_in,
+                                  const at::Tensor& fx_in, double scale) {
+  const Dims d = check_inputs(table_in, y0_in, fy_in, x0_in, fx_in);
+  TORCH_CHECK(table_in.scalar_type() == at::kFloat &&
+                  q_in.scalar_type() == at::kFloat &&
+                  kt_in.scalar_type() == at::kFloat &&
+                  v_in.scalar_type() == at::kFloat,
+              "deform_attention_infer is float32 only");
+  TORCH_CHECK(q_in.dim() == 4, "q must be (B, M, h, c)");
+  const int64_t B = q_in.size(0), M = q_in.size(1), NH = q_in.size(2),
+                c = q_in.size(3), H = d.R, W = d.W, Ns = d.Ns;
+  const int64_t hg = d.H, G = d.G;
+  TORCH_CHECK(c % 16 == 0, "head dim must be a multiple of 16");
+  TORCH_CHECK(M == H * W && NH == G * hg && d.Bg == B * G,
+              "q and the bias inputs disagree on sizes");
+  TORCH_CHECK(kt_in.sizes() == at::IntArrayRef({B * NH, c, Ns}) &&
+                  v_in.sizes() == at::IntArrayRef({B * NH, Ns, c}),
+              "kt must be (B*h, c, Ns) and v (B*h, Ns, c)");
+  auto q = q_in.contiguous(), kt = kt_in.contiguous(), v = v_in.contiguous();
+  auto table = table_in.contiguous();
+  auto y0 = y0_in.contiguous(), fy = fy_in.contiguous();
+  auto x0 = x0_in.contiguous(), fx = fx_in.contiguous();
+  auto out = at::empty_like(q);
+  const Inputs<float> in(table, y0, fy, x0, fx);
+  const float* qp = q.const_data_ptr<float>();
+  const float* ktp = kt.const_data_ptr<float>();
+  const float* vp = v.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  const int tx = static_cast<int>(d.Tx);
+  const int64_t TT = d.Ty * d.Tx, ldS = (Ns + 15) / 16 * 16;
+  const int64_t tiles_per_row = (W + kTileQ - 1) / kTileQ;
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(
+      0, B * NH * H * tiles_per_row, 1, [&](int64_t beg, int64_t end) {
+        std::vector<float> S(kTileQ * ldS), qs(kTileQ * c), inv(kTileQ);
+        float* orow[kTileQ];
+        for (int64_t u = beg; u < end; ++u) {
+          const int64_t j0 = (u % tiles_per_row) * kTileQ;
+          const int64_t i = (u / tiles_per_row) % H;
+          const int64_t n = u / (tiles_per_row * H);  // b * h + head
+          const int64_t b = n / NH, hh = n % NH, bg = b * G + hh / hg;
+          const int64_t nq = std::min(kTileQ, W - j0);
+          const float* T = in.table + hh * TT;
+          for (int64_t r = 0; r < nq; ++r) {
+            const int64_t j = j0 + r, m = i * W + j;
+            bias_row(T, in.y0 + (bg * H + i) * Ns, in.fy + (bg * H + i) * Ns,
+                     in.x0 + (bg * W + j) * Ns, in.fx + (bg * W + j) * Ns,
+                     tx, Ns, S.data() + r * ldS);
+            const float* qr = qp + ((b * M + m) * NH + hh) * c;
+            for (int64_t t = 0; t < c; ++t) qs[r * c + t] = qr[t] * sc;
+            orow[r] = op + ((b * M + m) * NH + hh) * c;
+          }
+          const float* ktn = ktp + n * c * Ns;
+          for (int64_t s0 = 0; s0 < Ns; s0 += 16) {
+            const __mmask16 mk = tail_mask(s0, Ns);
+            int64_t r = 0;
+            for (; r + 8 <= nq; r += 8)
+              add_scores<8>(qs.data() + r * c, c, ktn, Ns, s0, mk,
+                            S.data() + r * ldS, ldS);
+            for (; r < nq; ++r)
+              add_scores<1>(qs.data() + r * c, c, ktn, Ns, s0, mk,
+                            S.data() + r * ldS, ldS);
+          }
+          for (int64_t r = 0; r < nq; ++r)
+            inv[r] = exp_row(S.data() + r * ldS, Ns);
+          const float* vn = vp + n * Ns * c;
+          for (int64_t t0 = 0; t0 < c; t0 += 16) {
+            int64_t r = 0;
+            for (; r + 8 <= nq; r += 8)
+              weighted_values<8>(S.data() + r * ldS, ldS, vn, Ns, c, t0,
+                                 inv.data() + r, orow + r);
+            for (; r < nq; ++r)
+              weighted_values<1>(S.data() + r * ldS, ldS, vn, Ns, c, t0,
+                                 inv.data() + r, orow + r);
+          }
+        }
+      });
+  return out;
+}
+#endif
+
+bool has_fused_deform_attention() {
+#if defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mmdat, m) {
@@ -299,6 +483,10 @@ TORCH_LIBRARY(mmdat, m) {
       "deform_bias_out(Tensor table, Tensor y0, Tensor fy, Tensor x0, "
       "Tensor fx, Tensor(a!) out) -> Tensor(a!)");
   m.def(
+      "deform_attention_infer(Tensor q, Tensor kt, Tensor v, Tensor table, "
+      "Tensor y0, Tensor fy, Tensor x0, Tensor fx, float scale) -> Tensor");
+  m.def("has_fused_deform_attention() -> bool", &has_fused_deform_attention);
+  m.def(
       "deform_bias_backward(Tensor grad, Tensor table, Tensor y0, Tensor fy,"
       " Tensor x0, Tensor fx) -> (Tensor, Tensor, Tensor)");
 }
@@ -306,5 +494,8 @@ TORCH_LIBRARY(mmdat, m) {
 TORCH_LIBRARY_IMPL(mmdat, CPU, m) {
   m.impl("deform_bias", &deform_bias_forward);
   m.impl("deform_bias_out", &deform_bias_out);
+#if defined(__AVX512F__)
+  m.impl("deform_attention_infer", &deform_attention_infer);
+#endif
   m.impl("deform_bias_backward", &deform_bias_backward);
 }

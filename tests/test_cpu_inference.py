@@ -1,0 +1,137 @@
+"""CPU inference fast paths that must not change results: oneDNN
+convolutions with the residual addition fused, in-place GELU, and the
+channels-last layout kept through the deformable attention."""
+import pytest
+import torch
+
+from mmdat.models.attentions.common import conv_add, cpu_inference_fusable
+from mmdat.models.attentions.deformable import (DeformableAttention,
+                                                _group_batch)
+from mmdat.models.backbones.dat import ConvFFN
+
+CL = torch.channels_last
+
+
+@pytest.mark.parametrize('layout', ['nchw', 'cl', 'mixed'])
+def test_conv_add_equals_plain(layout):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 8, 3, 1, 1, groups=8)
+    x, res = torch.randn(2, 8, 9, 7), torch.randn(2, 8, 9, 7)
+    if layout != 'nchw':
+        x = x.contiguous(memory_format=CL)
+    if layout == 'cl':
+        res = res.contiguous(memory_format=CL)
+    want = res + conv(x)
+    with torch.no_grad():
+        assert cpu_inference_fusable(x)
+        got = conv_add(conv, x, res)
+    assert torch.allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_fusion_only_without_autograd_and_autocast():
+    x = torch.zeros(1, 2, 3, 3)
+    assert not cpu_inference_fusable(x)  # grad mode on
+    with torch.no_grad():
+        assert not cpu_inference_fusable(x.double())
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert not cpu_inference_fusable(x)
+
+
+def test_conv_ffn_inference_equals_training_path():
+    torch.manual_seed(0)
+    ffn = ConvFFN(8).eval()
+    x = torch.randn(2, 8, 11, 6).contiguous(memory_format=CL)
+    want = ffn(x)  # autograd on: the plain ops
+    with torch.no_grad():
+        got = ffn(x)
+    assert torch.allclose(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('B', [1, 3])
+def test_group_batch_keeps_channels_last(B):
+    t = torch.randn(B, 12, 5, 7)
+    want = t.reshape(B * 3, 4, 5, 7)
+    got = _group_batch(t.contiguous(memory_format=CL), 3)
+    assert torch.equal(got, want)
+    # standard channels-last strides, which convolutions take as they are
+    assert got.stride() == want.contiguous(memory_format=CL).stride()
+    assert torch.equal(_group_batch(t, 3), want)
+
+
+@pytest.mark.parametrize('B', [1, 2])
+def test_deformable_output_channels_last_and_equal(B):
+    torch.manual_seed(0)
+    attn = DeformableAttention(32, 4, 2, 2, 3, 8).eval()
+    x = torch.randn(B, 32, 10, 12)
+    with torch.no_grad():
+        want = attn(x)
+        got = attn(x.contiguous(memory_format=CL))
+    assert got.is_contiguous(memory_format=CL)
+    assert torch.allclose(got, want, rtol=0, atol=1e-5)
+
+
+def _fused_available():
+    from mmdat.models.attentions import ext
+    return ext.use_cpu_ops(torch.zeros(1)) and \
+        ext.fused_deform_attention_available()
+
+
+# (channels, heads, groups, stride, offset kernel, rpe size, B, H, W):
+# several query tiles and a partial one (W > 32), fewer queries than one
+# 8-row block, key counts off the 16-lane width, one key, 2 groups
+FUSED_CASES = [(64, 2, 1, 8, 9, 7, 1, 40, 75),
+               (64, 4, 2, 4, 5, 16, 2, 45, 37),
+               (32, 2, 1, 2, 3, 8, 2, 5, 7),
+               (32, 2, 2, 2, 3, 8, 1, 1, 1),
+               (32, 1, 1, 1, 3, 4, 1, 9, 16)]
+
+
+@pytest.mark.skipif(not _fused_available(),
+                    reason='fused deformable kernel needs an AVX-512 build')
+@pytest.mark.parametrize('case', FUSED_CASES)
+def test_fused_deformable_inference_equals_reference(case, monkeypatch):
+    """float32 one-pass kernel against the reference path in float64."""
+    C, h, g, r, ks, rpe, B, H, W = case
+    torch.manual_seed(0)
+    fused = DeformableAttention(C, h, g, r, ks, rpe).eval()
+    with torch.no_grad():
+        fused.rpe_table.normal_()  # a bias that matters
+    ref = DeformableAttention(C, h, g, r, ks, rpe, impl='reference').eval()
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(B, C, H, W)
+    calls = []
+    op = torch.ops.mmdat.deform_attention_infer
+
+    def spy(*args):
+        calls.append(1)
+        return op(*args)
+
+    monkeypatch.setattr(torch.ops.mmdat, 'deform_attention_infer', spy)
+    with torch.no_grad():
+        got = fused(x.contiguous(memory_format=CL))
+    assert calls, 'the fused kernel was not used'
+    with torch.no_grad():
+        want = ref.double()(x.double())
+    err = float((got.double() - want).abs().max() / want.abs().max())
+    assert err <= 1e-5, err
+
+
+@pytest.mark.skipif(not _fused_available(),
+                    reason='fused deformable kernel needs an AVX-512 build')
+def test_fused_deformable_kernel_rejects_bad_input():
+    args = [torch.zeros(1, 6, 2, 32), torch.zeros(2, 32, 4),
+            torch.zeros(2, 4, 32), torch.zeros(1, 2, 3, 3),
+            torch.zeros(1, 2, 4, dtype=torch.int32), torch.zeros(1, 2, 4),
+            torch.zeros(1, 3, 4, dtype=torch.int32), torch.zeros(1, 3, 4)]
+    torch.ops.mmdat.deform_attention_infer(*args, 0.1)  # consistent sizes
+    bad = list(args)
+    bad[0] = torch.zeros(1, 6, 2, 24)
+    with pytest.raises(RuntimeError, match='multiple of 16'):
+        torch.ops.mmdat.deform_attention_infer(*bad, 0.1)
+    bad = list(args)
+    bad[0] = torch.zeros(1, 5, 2, 32)
+    with pytest.raises(RuntimeError, match='disagree'):
+        torch.ops.mmdat.deform_attention_infer(*bad, 0.1)
+    bad = [a.double() if a.dtype == torch.float32 else a for a in args]
+    with pytest.raises(RuntimeError, match='float32 only'):
+        torch.ops.mmdat.deform_attention_infer(*bad, 0.1)
