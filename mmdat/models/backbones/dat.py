@@ -16,7 +16,7 @@ from mmengine.model.weight_init import trunc_normal_
 
 from ..attentions import (DeformableAttention, LayerNorm2d,
                           NeighborhoodAttention, WindowAttention)
-from ..attentions.common import (check_impl, conv_add,
+from ..attentions.common import (add_into_branch, check_impl, conv_add,
                                  cpu_inference_fusable)
 
 NUM_STAGES = 4
@@ -236,8 +236,10 @@ class DATStage(nn.Module):
     def block(self, d: int, x: torch.Tensor) -> torch.Tensor:
         if self.use_lpu:
             x = conv_add(self.local_perception_units[d], x, x)
-        x = x + self.drop_path[d](self.attns[d](self.layer_norms[2 * d](x)))
-        x = x + self.drop_path[d](self.mlps[d](self.layer_norms[2 * d + 1](x)))
+        x = add_into_branch(
+            x, self.drop_path[d](self.attns[d](self.layer_norms[2 * d](x))))
+        x = add_into_branch(
+            x, self.drop_path[d](self.mlps[d](self.layer_norms[2 * d + 1](x))))
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
