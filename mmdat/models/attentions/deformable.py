@@ -11,7 +11,9 @@ Three exact formulations of the same computation:
   on (query column, key), computed in the (queries x keys) layout and handed
   to ``scaled_dot_product_attention`` as its mask. On CPU the lookup is a
   fused C++ kernel (``csrc/deform_bias.cpp``) and one autograd Function
-  runs all chunks with a hand-written backward; elsewhere (CUDA, under
+  runs all chunks with a hand-written backward; in float32 on AVX-512
+  machines the forward is one kernel that computes bias, scores, softmax
+  and values per tile of queries in cache. Elsewhere (CUDA, under
   ``torch.compile``, or without a compiler) the same lookup is done with
   gathers and the chunks are checkpointed. Neither the displacement nor the
   full bias/attention matrix ever exists.
@@ -259,11 +261,11 @@ class DeformableAttention(nn.Module):
         bias, scores, softmax and values in cache
         (``torch.ops.mmdat.deform_attention_infer``)."""
         table, y0, fy, x0, fx = self._bias_lookup(pos, H, W)
-        # (B, M, h, c): a view of a channels-last q, no copy
-        q = q.unflatten(0, (-1, self.num_heads)).permute(0, 3, 1, 2)
+        # (B, h, M, c): a view of q (of a channels-last map), no copy
+        q = q.unflatten(0, (-1, self.num_heads)).transpose(2, 3)
         out = torch.ops.mmdat.deform_attention_infer(
-            q.contiguous(), k.contiguous(), v.transpose(1, 2).contiguous(),
-            table, y0.int(), fy, x0.int(), fx, self.scale)
+            q, k.contiguous(), v.transpose(1, 2).contiguous(), table,
+            y0.int(), fy, x0.int(), fx, self.scale)
         return out.view(-1, H, W, self.dim).permute(0, 3, 1, 2)
 
     def _attend_fast(self, q, k, v, pos, H, W):
@@ -273,8 +275,8 @@ class DeformableAttention(nn.Module):
         # displacement nor the full bias/attention matrix ever exists.
         Bh, c, M = q.shape
         if (self.use_pe and self.offset_range_factor < 0 and use_cpu_ops(q)
-                and not torch.is_grad_enabled() and q.dtype == torch.float32
-                and c % 16 == 0 and fused_deform_attention_available()):
+                and not torch.is_grad_enabled()
+                and _fused_kernel_applies(c, q, pos)):
             return self._attend_fused_cpu(q, k, v, pos, H, W)
         # (Bh, M, c) and (Bh, Ns, c), contiguous: the fused CPU kernel of
         # scaled_dot_product_attention needs it (else the slow math path)
@@ -406,6 +408,14 @@ def _biased_chunk(q, k, v, table, y0, fy, x0, fx, scale):
                         scale)
 
 
+def _fused_kernel_applies(head_dim: int, *tensors: torch.Tensor) -> bool:
+    """Whether ``torch.ops.mmdat.deform_attention_infer`` (float32, head dim
+    a multiple of 16, AVX-512 builds) takes these inputs."""
+    return (head_dim % 16 == 0
+            and all(t.dtype == torch.float32 for t in tensors)
+            and fused_deform_attention_available())
+
+
 def _chunk_buffer(like: torch.Tensor, Bh: int, rows: int, W: int,
                   Ns: int) -> torch.Tensor:
     """Flat buffer for one chunk's (queries x keys) block, reused by every
@@ -429,11 +439,12 @@ def _plain_chunk(q, k, v, bias, scale):
 
 
 class _BiasedAttention(torch.autograd.Function):
-    """Deformable attention with the fused CPU bias kernel, chunk by chunk
-    of ``rows`` query rows.
+    """Deformable attention with the fused CPU kernels, chunk by chunk of
+    ``rows`` query rows.
 
-    Forward: per chunk, bias (fused kernel) + ``scaled_dot_product_attention``
-    into one preallocated output; only the inputs and the output are kept.
+    Forward: the one-pass kernel (float32, AVX-512 builds), else per chunk
+    bias (fused kernel) + ``scaled_dot_product_attention`` into one
+    preallocated output; only the inputs and the output are kept.
     Backward recomputes each chunk's bias and attention probabilities and
     applies the softmax-attention gradient by hand, into preallocated
     gradients, so nothing of size (queries x keys) outlives a chunk and the
@@ -445,16 +456,21 @@ class _BiasedAttention(torch.autograd.Function):
         Bh, M, c = q.shape
         H = y0.shape[1]
         W = M // H
-        out = q.new_empty(Bh // heads, M, heads, c)
-        bias_buf = _chunk_buffer(table, Bh, rows, W, k.shape[1])
-        for i0 in range(0, H, rows):
-            i1 = min(H, i0 + rows)
-            bias = _bias_into(bias_buf, table, y0[:, i0:i1], fy[:, i0:i1],
-                              x0, fx)
-            chunk = _plain_chunk(q[:, i0 * W:i1 * W], k, v, bias, scale)
-            out[:, i0 * W:i1 * W] = chunk.unflatten(0, (-1, heads)).transpose(
-                1, 2)
-            del bias
+        if _fused_kernel_applies(c, q, table):
+            out = torch.ops.mmdat.deform_attention_infer(
+                q.view(-1, heads, M, c), k.transpose(1, 2).contiguous(), v,
+                table, y0, fy, x0, fx, scale)
+        else:
+            out = q.new_empty(Bh // heads, M, heads, c)
+            bias_buf = _chunk_buffer(table, Bh, rows, W, k.shape[1])
+            for i0 in range(0, H, rows):
+                i1 = min(H, i0 + rows)
+                bias = _bias_into(bias_buf, table, y0[:, i0:i1],
+                                  fy[:, i0:i1], x0, fx)
+                chunk = _plain_chunk(q[:, i0 * W:i1 * W], k, v, bias, scale)
+                out[:, i0 * W:i1 * W] = chunk.unflatten(
+                    0, (-1, heads)).transpose(1, 2)
+                del bias
         ctx.save_for_backward(q, k, v, table, y0, fy, x0, fx, out)
         ctx.scale, ctx.rows = scale, rows
         return out

@@ -315,8 +315,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_bias_backward(
 // size (queries x keys) goes to memory, and there is no mask for
 // scaled_dot_product_attention to read back.
 //
-// q, out: (B, M, h, c) (the channels-last layout of the maps); kt: (B*h, c,
-// Ns); v: (B*h, Ns, c); c % 16 == 0; bias inputs as above, with r = H.
+// q: (B, h, M, c), any strides but a contiguous last dim; out: (B, M, h, c)
+// (the channels-last layout of the maps); kt: (B*h, c, Ns); v: (B*h, Ns, c);
+// c % 16 == 0; bias inputs as above, with r = H.
 
 #if defined(__AVX512F__)
 constexpr int64_t kTileQ = 32;
@@ -410,8 +411,8 @@ at::Tensor deform_attention_infer(const at::Tensor& q_in,
                   kt_in.scalar_type() == at::kFloat &&
                   v_in.scalar_type() == at::kFloat,
               "deform_attention_infer is float32 only");
-  TORCH_CHECK(q_in.dim() == 4, "q must be (B, M, h, c)");
-  const int64_t B = q_in.size(0), M = q_in.size(1), NH = q_in.size(2),
+  TORCH_CHECK(q_in.dim() == 4, "q must be (B, h, M, c)");
+  const int64_t B = q_in.size(0), NH = q_in.size(1), M = q_in.size(2),
                 c = q_in.size(3), H = d.R, W = d.W, Ns = d.Ns;
   const int64_t hg = d.H, G = d.G;
   TORCH_CHECK(c % 16 == 0, "head dim must be a multiple of 16");
@@ -420,11 +421,13 @@ at::Tensor deform_attention_infer(const at::Tensor& q_in,
   TORCH_CHECK(kt_in.sizes() == at::IntArrayRef({B * NH, c, Ns}) &&
                   v_in.sizes() == at::IntArrayRef({B * NH, Ns, c}),
               "kt must be (B*h, c, Ns) and v (B*h, Ns, c)");
-  auto q = q_in.contiguous(), kt = kt_in.contiguous(), v = v_in.contiguous();
+  auto q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
+  auto kt = kt_in.contiguous(), v = v_in.contiguous();
+  const int64_t qsB = q.stride(0), qsH = q.stride(1), qsM = q.stride(2);
   auto table = table_in.contiguous();
   auto y0 = y0_in.contiguous(), fy = fy_in.contiguous();
   auto x0 = x0_in.contiguous(), fx = fx_in.contiguous();
-  auto out = at::empty_like(q);
+  auto out = at::empty({B, M, NH, c}, q.options());
   const Inputs<float> in(table, y0, fy, x0, fx);
   const float* qp = q.const_data_ptr<float>();
   const float* ktp = kt.const_data_ptr<float>();
@@ -450,7 +453,7 @@ at::Tensor deform_attention_infer(const at::Tensor& q_in,
             bias_row(T, in.y0 + (bg * H + i) * Ns, in.fy + (bg * H + i) * Ns,
                      in.x0 + (bg * W + j) * Ns, in.fx + (bg * W + j) * Ns,
                      tx, Ns, S.data() + r * ldS);
-            const float* qr = qp + ((b * M + m) * NH + hh) * c;
+            const float* qr = qp + b * qsB + hh * qsH + m * qsM;
             for (int64_t t = 0; t < c; ++t) qs[r * c + t] = qr[t] * sc;
             orow[r] = op + ((b * M + m) * NH + hh) * c;
           }
