@@ -139,17 +139,26 @@ def test_fused_deformable_kernel_rejects_bad_input():
 
 @pytest.mark.skipif(not _fused_available(),
                     reason='fused deformable kernel needs an AVX-512 build')
-def test_fused_forward_in_training_gives_reference_grads():
-    """float32 training: the one-pass forward plus the chunked backward
+@pytest.mark.parametrize('case', [(64, 4, 2, 4, 5, 16, 2, 23, 41),
+                                  (32, 2, 1, 2, 3, 8, 1, 3, 5)])
+def test_fused_kernels_in_training_give_reference_grads(case, monkeypatch):
+    """float32 training with the one-pass forward and backward kernels
     against the reference path in float64 (outputs and every gradient)."""
+    C, h, g, r, ks, rpe, B, H, W = case
     torch.manual_seed(0)
-    fast = DeformableAttention(64, 4, 2, 4, 5, 16)
+    fast = DeformableAttention(C, h, g, r, ks, rpe)
     with torch.no_grad():
         fast.rpe_table.normal_()
-    ref = DeformableAttention(64, 4, 2, 4, 5, 16, impl='reference').double()
+    ref = DeformableAttention(C, h, g, r, ks, rpe, impl='reference').double()
     ref.load_state_dict(fast.state_dict())
-    x = torch.randn(2, 64, 23, 41)
+    x = torch.randn(B, C, H, W)
     xf, xr = x.clone().requires_grad_(), x.double().requires_grad_()
+    calls = []
+    for name in ('deform_attention_infer', 'deform_attention_backward'):
+        op = getattr(torch.ops.mmdat, name)
+        monkeypatch.setattr(torch.ops.mmdat, name,
+                            lambda *a, op=op, name=name: calls.append(name)
+                            or op(*a))
     of, orf = fast(xf), ref(xr)
     assert float((of.double() - orf).abs().max() / orf.abs().max()) <= 1e-5
     (of.double() ** 2).sum().backward()
@@ -163,6 +172,8 @@ def test_fused_forward_in_training_gives_reference_grads():
         scale = float(b.abs().max()) if scale is None else scale
         return float((a.double() - b).abs().max()) <= 1e-4 * scale
 
+    assert sorted(set(calls)) == ['deform_attention_backward',
+                                  'deform_attention_infer']
     assert close(xf.grad, xr.grad)
     for (n, pf), (_, pr) in zip(fast.named_parameters(),
                                 ref.named_parameters()):

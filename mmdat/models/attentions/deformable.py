@@ -472,7 +472,7 @@ class _BiasedAttention(torch.autograd.Function):
                     0, (-1, heads)).transpose(1, 2)
                 del bias
         ctx.save_for_backward(q, k, v, table, y0, fy, x0, fx, out)
-        ctx.scale, ctx.rows = scale, rows
+        ctx.scale, ctx.rows, ctx.heads = scale, rows, heads
         return out
 
     @staticmethod
@@ -484,6 +484,8 @@ class _BiasedAttention(torch.autograd.Function):
         H = y0.shape[1]
         W = M // H
         need_bias = any(ctx.needs_input_grad[i] for i in (3, 5, 7))
+        if _fused_kernel_applies(c, q, table, grad_out):
+            return _BiasedAttention.fused_backward(ctx, grad_out) + (None,) * 3
         # (B, M, h, c) -> (B*h, M, c)
         out = out.transpose(1, 2).reshape(Bh, M, c)
         grad_out = grad_out.to(q.dtype).transpose(1, 2).reshape(Bh, M, c)
@@ -526,3 +528,20 @@ class _BiasedAttention(torch.autograd.Function):
         grad_q.mul_(scale)
         return (grad_q, grad_k, grad_v, grad_table, None, grad_fy, None,
                 grad_fx, None, None, None)
+
+    @staticmethod
+    def fused_backward(ctx, grad_out):
+        """The one-pass backward kernel (float32, AVX-512 builds): per
+        (batch, head) task, the per-tile recomputation and all gradients in
+        cache; per-task table/fy/fx gradients are summed here."""
+        q, k, v, table, y0, fy, x0, fx, out = ctx.saved_tensors
+        Bh, M, c = q.shape
+        g, hg, Ty, Tx = table.shape
+        B = Bh // (g * hg)
+        dq, dk, dv, dtab, dfy, dfx = torch.ops.mmdat.deform_attention_backward(
+            grad_out, q.view(B, g * hg, M, c), k, v, out, table, y0, fy, x0,
+            fx, ctx.scale)
+        grad_table = dtab.view(B, g, hg, Ty, Tx).sum(0)
+        grad_fy = dfy.view(B, g, hg, *fy.shape[1:]).sum(2).flatten(0, 1)
+        grad_fx = dfx.view(B, g, hg, *fx.shape[1:]).sum(2).flatten(0, 1)
+        return (dq, dk, dv, grad_table, None, grad_fy, None, grad_fx)

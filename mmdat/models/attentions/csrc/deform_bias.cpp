@@ -484,6 +484,189 @@ at::Tensor deform_attention_infer(const at::Tensor& q_in,
       });
   return out;
 }
+
+// acc[s][:] += sum_r A[r][s] * rows[r][:] for all keys s (nq rows of A).
+inline void accumulate_keys(const float* A, int64_t ldS, int64_t nq,
+                            const float* rows, int64_t c, float* acc,
+                            int64_t Ns) {
+  for (int64_t s = 0; s < Ns; ++s) {
+    float* as = acc + s * c;
+    for (int64_t t0 = 0; t0 < c; t0 += 16) {
+      __m512 a = _mm512_loadu_ps(as + t0);
+      for (int64_t r = 0; r < nq; ++r)
+        a = _mm512_fmadd_ps(_mm512_set1_ps(A[r * ldS + s]),
+                            _mm512_loadu_ps(rows + r * c + t0), a);
+      _mm512_storeu_ps(as + t0, a);
+    }
+  }
+}
+
+// Gradients of one query's bias row: dS[s] into the table (gt), fy (gfy)
+// and fx (gfx) of that row / column, all owned by the calling thread.
+inline void bias_row_backward(const float* T, const int* yi, const float* wy,
+                              const int* xi, const float* wx, int tx,
+                              int64_t Ns, const float* dS, float* gt,
+                              float* gfy, float* gfx) {
+  for (int64_t k = 0; k < Ns; ++k) {
+    const int off = yi[k] * tx + xi[k];
+    const float g = dS[k], fxk = wx[k], fyk = wy[k];
+    float top, bot;
+    lerp_rows(T, off, tx, fxk, top, bot);
+    gfy[k] += g * (bot - top);
+    const float dtop = T[off + 1] - T[off];
+    const float dbot = T[off + tx + 1] - T[off + tx];
+    gfx[k] += g * (dtop + fyk * (dbot - dtop));
+    const float gt_ = g - g * fyk, gb = g * fyk;
+    gt[off] += gt_ - gt_ * fxk;
+    gt[off + 1] += gt_ * fxk;
+    gt[off + tx] += gb - gb * fxk;
+    gt[off + tx + 1] += gb * fxk;
+  }
+}
+
+// Backward of deform_attention_infer, same tiling: each (b, head) is one
+// task, so the key, value, table, fy and fx gradients of a task are owned by
+// one thread. Returns grad_q (B*h, M, c), grad_k, grad_v (B*h, Ns, c), and
+// per (b, head): grad_table (B*h, Ty, Tx), grad_fy (B*h, H, Ns), grad_fx
+// (B*h, W, Ns), which the caller sums over the batch / the group's heads.
+std::vector<at::Tensor> deform_attention_backward(
+    const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in,
+    const at::Tensor& table_in, const at::Tensor& y0_in,
+    const at::Tensor& fy_in, const at::Tensor& x0_in, const at::Tensor& fx_in,
+    double scale) {
+  const Dims d = check_inputs(table_in, y0_in, fy_in, x0_in, fx_in);
+  TORCH_CHECK(q_in.dim() == 4 && q_in.scalar_type() == at::kFloat,
+              "q must be float32 (B, h, M, c)");
+  const int64_t B = q_in.size(0), NH = q_in.size(1), M = q_in.size(2),
+                c = q_in.size(3), H = d.R, W = d.W, Ns = d.Ns;
+  const int64_t hg = d.H, G = d.G, Bh = B * NH;
+  TORCH_CHECK(c % 16 == 0 && M == H * W && NH == G * hg && d.Bg == B * G,
+              "q and the bias inputs disagree on sizes");
+  TORCH_CHECK(k_in.sizes() == at::IntArrayRef({Bh, Ns, c}) &&
+                  v_in.sizes() == k_in.sizes(),
+              "k and v must be (B*h, Ns, c)");
+  TORCH_CHECK(out_in.sizes() == at::IntArrayRef({B, M, NH, c}) &&
+                  grad_in.sizes() == out_in.sizes(),
+              "out and grad must be (B, M, h, c)");
+  auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  auto kt = k.transpose(1, 2).contiguous();
+  auto vt = v.transpose(1, 2).contiguous();
+  auto out = out_in.contiguous(), grad = grad_in.contiguous().to(at::kFloat);
+  auto table = table_in.contiguous();
+  auto y0 = y0_in.contiguous(), fy = fy_in.contiguous();
+  auto x0 = x0_in.contiguous(), fx = fx_in.contiguous();
+  auto opt = q.options();
+  auto dq = at::empty({Bh, M, c}, opt);
+  auto dk = at::zeros({Bh, Ns, c}, opt), dv = at::zeros({Bh, Ns, c}, opt);
+  auto dtab = at::zeros({Bh, d.Ty, d.Tx}, opt);
+  auto dfy = at::zeros({Bh, H, Ns}, opt), dfx = at::zeros({Bh, W, Ns}, opt);
+  const Inputs<float> in(table, y0, fy, x0, fx);
+  const float* qp = q.const_data_ptr<float>();
+  const float* kp = k.const_data_ptr<float>();
+  const float* ktp = kt.const_data_ptr<float>();
+  const float* vtp = vt.const_data_ptr<float>();
+  const float* op = out.const_data_ptr<float>();
+  const float* gp = grad.const_data_ptr<float>();
+  float* dqp = dq.mutable_data_ptr<float>();
+  float* dkp = dk.mutable_data_ptr<float>();
+  float* dvp = dv.mutable_data_ptr<float>();
+  float* dtp = dtab.mutable_data_ptr<float>();
+  float* dfyp = dfy.mutable_data_ptr<float>();
+  float* dfxp = dfx.mutable_data_ptr<float>();
+  const int tx = static_cast<int>(d.Tx);
+  const int64_t TT = d.Ty * d.Tx, ldS = (Ns + 15) / 16 * 16;
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, Bh, 1, [&](int64_t beg, int64_t end) {
+    std::vector<float> P(kTileQ * ldS), D(kTileQ * ldS), qs(kTileQ * c),
+        gos(kTileQ * c), inv(kTileQ), scales(kTileQ, sc), delta(kTileQ);
+    float* dqrow[kTileQ];
+    for (int64_t n = beg; n < end; ++n) {
+      const int64_t b = n / NH, hh = n % NH, bg = b * G + hh / hg;
+      const float* T = in.table + hh * TT;
+      const float *ktn = ktp + n * c * Ns, *vtn = vtp + n * c * Ns,
+                  *kn = kp + n * Ns * c;
+      for (int64_t i = 0; i < H; ++i) {
+        for (int64_t j0 = 0; j0 < W; j0 += kTileQ) {
+          const int64_t nq = std::min(kTileQ, W - j0);
+          for (int64_t r = 0; r < nq; ++r) {
+            const int64_t j = j0 + r, m = i * W + j;
+            bias_row(T, in.y0 + (bg * H + i) * Ns, in.fy + (bg * H + i) * Ns,
+                     in.x0 + (bg * W + j) * Ns, in.fx + (bg * W + j) * Ns, tx,
+                     Ns, P.data() + r * ldS);
+            std::fill(D.begin() + r * ldS, D.begin() + (r + 1) * ldS, 0.f);
+            const float* qr = qp + (n * M + m) * c;
+            const float* gr = gp + ((b * M + m) * NH + hh) * c;
+            const float* orr = op + ((b * M + m) * NH + hh) * c;
+            float dl = 0.f;
+            for (int64_t t = 0; t < c; ++t) {
+              qs[r * c + t] = qr[t] * sc;
+              gos[r * c + t] = gr[t];
+              dl += gr[t] * orr[t];
+            }
+            delta[r] = dl;
+            dqrow[r] = dqp + (n * M + m) * c;
+          }
+          // P = softmax(bias + scale q.k); D = dO.v
+          for (int64_t s0 = 0; s0 < Ns; s0 += 16) {
+            const __mmask16 mk = tail_mask(s0, Ns);
+            int64_t r = 0;
+            for (; r + 8 <= nq; r += 8) {
+              add_scores<8>(qs.data() + r * c, c, ktn, Ns, s0, mk,
+                            P.data() + r * ldS, ldS);
+              add_scores<8>(gos.data() + r * c, c, vtn, Ns, s0, mk,
+                            D.data() + r * ldS, ldS);
+            }
+            for (; r < nq; ++r) {
+              add_scores<1>(qs.data() + r * c, c, ktn, Ns, s0, mk,
+                            P.data() + r * ldS, ldS);
+              add_scores<1>(gos.data() + r * c, c, vtn, Ns, s0, mk,
+                            D.data() + r * ldS, ldS);
+            }
+          }
+          // dS = P * (D - delta), in D
+          for (int64_t r = 0; r < nq; ++r) {
+            float* Pr = P.data() + r * ldS;
+            float* Dr = D.data() + r * ldS;
+            const __m512 w = _mm512_set1_ps(exp_row(Pr, Ns));
+            const __m512 dlt = _mm512_set1_ps(delta[r]);
+            for (int64_t s0 = 0; s0 < ldS; s0 += 16) {
+              const __m512 p = _mm512_mul_ps(_mm512_loadu_ps(Pr + s0), w);
+              _mm512_storeu_ps(Pr + s0, p);
+              _mm512_storeu_ps(
+                  Dr + s0,
+                  _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(Dr + s0),
+                                                 dlt)));
+            }
+          }
+          // dq = scale dS.k; dk += dS^T (scale q); dv += P^T dO
+          for (int64_t t0 = 0; t0 < c; t0 += 16) {
+            int64_t r = 0;
+            for (; r + 8 <= nq; r += 8)
+              weighted_values<8>(D.data() + r * ldS, ldS, kn, Ns, c, t0,
+                                 scales.data(), dqrow + r);
+            for (; r < nq; ++r)
+              weighted_values<1>(D.data() + r * ldS, ldS, kn, Ns, c, t0,
+                                 scales.data(), dqrow + r);
+          }
+          accumulate_keys(D.data(), ldS, nq, qs.data(), c, dkp + n * Ns * c,
+                          Ns);
+          accumulate_keys(P.data(), ldS, nq, gos.data(), c,
+                          dvp + n * Ns * c, Ns);
+          for (int64_t r = 0; r < nq; ++r) {
+            const int64_t j = j0 + r;
+            bias_row_backward(
+                T, in.y0 + (bg * H + i) * Ns, in.fy + (bg * H + i) * Ns,
+                in.x0 + (bg * W + j) * Ns, in.fx + (bg * W + j) * Ns, tx, Ns,
+                D.data() + r * ldS, dtp + n * TT, dfyp + (n * H + i) * Ns,
+                dfxp + (n * W + j) * Ns);
+          }
+        }
+      }
+    }
+  });
+  return {dq, dk, dv, dtab, dfy, dfx};
+}
 #endif
 
 bool has_fused_deform_attention() {
@@ -506,6 +689,10 @@ TORCH_LIBRARY(mmdat, m) {
   m.def(
       "deform_attention_infer(Tensor q, Tensor kt, Tensor v, Tensor table, "
       "Tensor y0, Tensor fy, Tensor x0, Tensor fx, float scale) -> Tensor");
+  m.def(
+      "deform_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, "
+      "Tensor out, Tensor table, Tensor y0, Tensor fy, Tensor x0, Tensor fx, "
+      "float scale) -> Tensor[]");
   m.def("has_fused_deform_attention() -> bool", &has_fused_deform_attention);
   m.def(
       "deform_bias_backward(Tensor grad, Tensor table, Tensor y0, Tensor fy,"
@@ -517,6 +704,7 @@ TORCH_LIBRARY_IMPL(mmdat, CPU, m) {
   m.impl("deform_bias_out", &deform_bias_out);
 #if defined(__AVX512F__)
   m.impl("deform_attention_infer", &deform_attention_infer);
+  m.impl("deform_attention_backward", &deform_attention_backward);
 #endif
   m.impl("deform_bias_backward", &deform_bias_backward);
 }
