@@ -478,14 +478,16 @@ class _BiasedAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, table, y0, fy, x0, fx, out = ctx.saved_tensors
+        saved = ctx.saved_tensors  # unpacked once (checkpointing)
+        q, k, v, table, y0, fy, x0, fx, out = saved
         scale, rows = ctx.scale, ctx.rows
         Bh, M, c = q.shape
         H = y0.shape[1]
         W = M // H
         need_bias = any(ctx.needs_input_grad[i] for i in (3, 5, 7))
         if _fused_kernel_applies(c, q, table, grad_out):
-            return _BiasedAttention.fused_backward(ctx, grad_out) + (None,) * 3
+            return _BiasedAttention.fused_backward(
+                ctx, grad_out, saved) + (None,) * 3
         # (B, M, h, c) -> (B*h, M, c)
         out = out.transpose(1, 2).reshape(Bh, M, c)
         grad_out = grad_out.to(q.dtype).transpose(1, 2).reshape(Bh, M, c)
@@ -530,11 +532,11 @@ class _BiasedAttention(torch.autograd.Function):
                 grad_fx, None, None, None)
 
     @staticmethod
-    def fused_backward(ctx, grad_out):
+    def fused_backward(ctx, grad_out, saved):
         """The one-pass backward kernel (float32, AVX-512 builds): per
         (batch, head) task, the per-tile recomputation and all gradients in
         cache; per-task table/fy/fx gradients are summed here."""
-        q, k, v, table, y0, fy, x0, fx, out = ctx.saved_tensors
+        q, k, v, table, y0, fy, x0, fx, out = saved
         Bh, M, c = q.shape
         g, hg, Ty, Tx = table.shape
         B = Bh // (g * hg)
