@@ -66,8 +66,12 @@ struct NaArgs {
 // and qf (c).
 template <typename scalar_t, typename opmath_t>
 void query_scalar(const NaArgs<scalar_t>& A, int64_t b, int64_t hh, int64_t i,
-                  int64_t j, opmath_t* logit, opmath_t* acc, opmath_t* qf) {
-  const int64_t ks = A.ks, C = A.C, RW = 2 * ks - 1;
+                  int64_t j, opmath_t* __restrict logit,
+                  opmath_t* __restrict acc, opmath_t* __restrict qf) {
+  // locals, not fields of A: the stores below could alias those
+  const int64_t ks = A.ks, C = A.C, RW = 2 * ks - 1, ks3 = A.k.s3,
+                vs3 = A.v.s3;
+  const opmath_t scale = A.scale;
   const int64_t si = window_start(i, ks, A.H), sj = window_start(j, ks, A.W);
   const scalar_t* qv = A.q.row(b, hh, i) + j * A.q.s3;
   for (int64_t t = 0; t < C; ++t) qf[t] = qv[t];
@@ -75,13 +79,13 @@ void query_scalar(const NaArgs<scalar_t>& A, int64_t b, int64_t hh, int64_t i,
   for (int64_t a = 0; a < ks; ++a) {
     const opmath_t* brow =
         A.rpb + (hh * RW + si + a - i + ks - 1) * RW + sj - j + ks - 1;
-    const scalar_t* krow = A.k.row(b, hh, si + a) + sj * A.k.s3;
+    const scalar_t* krow = A.k.row(b, hh, si + a) + sj * ks3;
     for (int64_t c2 = 0; c2 < ks; ++c2) {
-      const scalar_t* kv = krow + c2 * A.k.s3;
+      const scalar_t* kv = krow + c2 * ks3;
       opmath_t dot = 0;
       _Pragma("omp simd reduction(+ : dot)")
       for (int64_t t = 0; t < C; ++t) dot += qf[t] * kv[t];
-      const opmath_t l = dot * A.scale + brow[c2];
+      const opmath_t l = dot * scale + brow[c2];
       logit[a * ks + c2] = l;
       mx = std::max(mx, l);
     }
@@ -96,12 +100,14 @@ void query_scalar(const NaArgs<scalar_t>& A, int64_t b, int64_t hh, int64_t i,
   scalar_t* ap =
       A.attn ? A.attn + (((b * A.NH + hh) * A.H + i) * A.W + j) * ks * ks
              : nullptr;
+  const scalar_t* vrow0 = A.v.row(b, hh, si) + sj * vs3;
+  const int64_t vs2 = A.v.s2;
   for (int64_t a = 0; a < ks; ++a) {
-    const scalar_t* vrow = A.v.row(b, hh, si + a) + sj * A.v.s3;
+    const scalar_t* vrow = vrow0 + a * vs2;
     for (int64_t c2 = 0; c2 < ks; ++c2) {
       const opmath_t p = logit[a * ks + c2] * inv;
       if (ap) ap[a * ks + c2] = p;
-      const scalar_t* vv = vrow + c2 * A.v.s3;
+      const scalar_t* vv = vrow + c2 * vs3;
       for (int64_t t = 0; t < C; ++t) acc[t] += p * vv[t];
     }
   }
