@@ -199,3 +199,52 @@ def test_fused_neighborhood_kernel_rejects_bad_input():
     with pytest.raises(RuntimeError, match='rpb must be'):
         torch.ops.mmdat.neighborhood_attention(q, q, q, torch.zeros(2, 3, 3),
                                                3, 0.5)
+
+
+@pytest.mark.parametrize('shape,ks', [
+    ((2, 3, 9, 40, 32), 7),    # W not a multiple of 16, B=2, several heads
+    ((1, 2, 8, 13, 32), 7),    # W < 16
+    ((1, 2, 7, 7, 32), 7),     # H == W == ks
+    ((2, 2, 7, 50, 16), 7),    # H == ks, c=16
+    ((1, 2, 12, 37, 24), 7),   # c=24 (masked channel tail)
+    ((1, 1, 10, 23, 64), 5),
+    ((2, 2, 9, 34, 8), 3),
+    ((1, 2, 9, 18, 40), 9),
+])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_fused_neighborhood_inference_kernel(shape, ks, dtype):
+    """The inference op (no attention weights, own float32 kernel) gives the
+    training op's output, also from strided views of a qkv tensor."""
+    from mmdat.models.attentions import ext
+    assert ext.cpu_ops_available()
+    torch.manual_seed(0)
+    B, h, H, W, c = shape
+    qkv = torch.randn(B, H, W, 3, h, c, dtype=dtype)
+    q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
+    rpb = torch.randn(h, 2 * ks - 1, 2 * ks - 1, dtype=dtype)
+    ref, _ = torch.ops.mmdat.neighborhood_attention(q, k, v, rpb, ks, 0.3)
+    out = torch.ops.mmdat.neighborhood_attention_inference(q, k, v, rpb, ks,
+                                                          0.3)
+    assert out.shape == ref.shape
+    assert out.permute(0, 2, 3, 1, 4).is_contiguous()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert rel_err(out, ref) <= tol
+    out2 = torch.ops.mmdat.neighborhood_attention_inference(
+        q.contiguous(), k.contiguous(), v.contiguous(), rpb, ks, 0.3)
+    assert torch.equal(out, out2)
+
+
+@pytest.mark.parametrize('hw', [(20, 37), (7, 9), (4, 6)])
+def test_neighborhood_no_grad_equals_training_path(hw):
+    """Under no_grad the module takes the inference kernel; same output as
+    the autograd path (training kernel)."""
+    from mmdat.models.attentions import ext
+    assert ext.cpu_ops_available()
+    torch.manual_seed(2)
+    m = NeighborhoodAttention(64, 2, 7)
+    with torch.no_grad():
+        m.rpb.normal_()
+    x = torch.randn(2, 64, *hw)
+    with torch.no_grad():
+        out = m(x)
+    assert rel_err(out, m(x).detach()) <= 1e-5

@@ -8,7 +8,9 @@ zero-padded on the bottom/right first and cropped back afterwards.
 
 * ``reference``: gathers every query's ``k x k`` keys explicitly.
 * ``fast`` (the default): on CPU, a fused C++ kernel (``csrc/``, built on
-  first use) that walks each query's window directly. Elsewhere, or where
+  first use) that walks each query's window directly; with autograd off, an
+  inference kernel that keeps no attention weights (float32 with AVX-512:
+  vectorised across 16 queries of a row). Elsewhere, or where
   the kernel cannot be built, queries are cut into ``T x T`` tiles; each tile
   attends to the ``(T+k-1)^2`` halo that holds all its windows, with an
   additive mask (bias inside the window, -inf outside) through
@@ -67,6 +69,11 @@ class NeighborhoodAttention(nn.Module):
             out = self._attend_reference(q, kk, v)
         elif impl == 'flex':
             out = self._attend_flex(q, kk, v)
+        elif use_cpu_ops(x) and not torch.is_grad_enabled():
+            # no attention weights kept; reads q, k, v straight from qkv and
+            # returns a (B, H, W, h, c)-laid-out view: no copies either side
+            out = torch.ops.mmdat.neighborhood_attention_inference(
+                q, kk, v, self.rpb.to(q.dtype), self.kernel_size, self.scale)
         elif use_cpu_ops(x):
             out = _FusedNeighborhoodAttention.apply(
                 q, kk, v, self.rpb, self.kernel_size, self.scale)

@@ -1,7 +1,8 @@
 // Fused CPU kernels for 2-D neighborhood attention (natten semantics,
 // dilation 1): each query attends to the ks x ks window that slides inward
 // at the borders, plus the relative position bias rpb (h, 2ks-1, 2ks-1).
-// q, k, v: (B, h, H, W, c) contiguous, H >= ks and W >= ks.
+// q, k, v: (B, h, H, W, c), H >= ks and W >= ks. The training ops take them
+// contiguous; the inference op takes any strides with contiguous channels.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -10,7 +11,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -33,6 +39,379 @@ void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               "rpb must be (h, 2ks-1, 2ks-1)");
 }
 
+// A (B, h, H, W, c) tensor with unit channel stride, as pointer + strides.
+template <typename T>
+struct View {
+  T* p;
+  int64_t s0, s1, s2, s3;
+  View(const at::Tensor& t, T* ptr)
+      : p(ptr), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)),
+        s3(t.stride(3)) {}
+  T* row(int64_t b, int64_t h, int64_t i) const {
+    return p + b * s0 + h * s1 + i * s2;
+  }
+};
+
+template <typename scalar_t>
+struct NaArgs {
+  View<const scalar_t> q, k, v;
+  View<scalar_t> out;
+  const at::opmath_type<scalar_t>* rpb;  // (h, 2ks-1, 2ks-1)
+  scalar_t* attn;  // (B, h, H, W, ks*ks) contiguous, or null (inference)
+  int64_t NH, H, W, C, ks;
+  at::opmath_type<scalar_t> scale;
+};
+
+// One query (b, hh, i, j), one key at a time. Scratch: logit (ks*ks), acc
+// and qf (c).
+template <typename scalar_t, typename opmath_t>
+void query_scalar(const NaArgs<scalar_t>& A, int64_t b, int64_t hh, int64_t i,
+                  int64_t j, opmath_t* __restrict logit,
+                  opmath_t* __restrict acc, opmath_t* __restrict qf) {
+  // locals, not fields of A: the stores below could alias those
+  const int64_t ks = A.ks, C = A.C, RW = 2 * ks - 1, ks3 = A.k.s3,
+                vs3 = A.v.s3;
+  const opmath_t scale = A.scale;
+  const int64_t si = window_start(i, ks, A.H), sj = window_start(j, ks, A.W);
+  const scalar_t* qv = A.q.row(b, hh, i) + j * A.q.s3;
+  for (int64_t t = 0; t < C; ++t) qf[t] = qv[t];
+  opmath_t mx = -INFINITY;
+  for (int64_t a = 0; a < ks; ++a) {
+    const opmath_t* brow =
+        A.rpb + (hh * RW + si + a - i + ks - 1) * RW + sj - j + ks - 1;
+    const scalar_t* krow = A.k.row(b, hh, si + a) + sj * ks3;
+    for (int64_t c2 = 0; c2 < ks; ++c2) {
+      const scalar_t* kv = krow + c2 * ks3;
+      opmath_t dot = 0;
+      _Pragma("omp simd reduction(+ : dot)")
+      for (int64_t t = 0; t < C; ++t) dot += qf[t] * kv[t];
+      const opmath_t l = dot * scale + brow[c2];
+      logit[a * ks + c2] = l;
+      mx = std::max(mx, l);
+    }
+  }
+  opmath_t sum = 0;
+  for (int64_t m = 0; m < ks * ks; ++m) {
+    logit[m] = std::exp(logit[m] - mx);
+    sum += logit[m];
+  }
+  const opmath_t inv = opmath_t(1) / sum;
+  std::fill(acc, acc + C, opmath_t(0));
+  scalar_t* ap =
+      A.attn ? A.attn + (((b * A.NH + hh) * A.H + i) * A.W + j) * ks * ks
+             : nullptr;
+  const scalar_t* vrow0 = A.v.row(b, hh, si) + sj * vs3;
+  const int64_t vs2 = A.v.s2;
+  for (int64_t a = 0; a < ks; ++a) {
+    const scalar_t* vrow = vrow0 + a * vs2;
+    for (int64_t c2 = 0; c2 < ks; ++c2) {
+      const opmath_t p = logit[a * ks + c2] * inv;
+      if (ap) ap[a * ks + c2] = p;
+      const scalar_t* vv = vrow + c2 * vs3;
+      for (int64_t t = 0; t < C; ++t) acc[t] += p * vv[t];
+    }
+  }
+  scalar_t* ov = A.out.row(b, hh, i) + j * A.out.s3;
+  for (int64_t t = 0; t < C; ++t) ov[t] = acc[t];
+}
+
+template <typename scalar_t>
+void forward_scalar(const NaArgs<scalar_t>& A, int64_t B) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, B * A.NH * A.H, 1, [&](int64_t b0, int64_t e) {
+    std::vector<opmath_t> logit(A.ks * A.ks), acc(A.C), qf(A.C);
+    for (int64_t n = b0; n < e; ++n) {
+      const int64_t bh = n / A.H, i = n % A.H;
+      for (int64_t j = 0; j < A.W; ++j)
+        query_scalar(A, bh / A.NH, bh % A.NH, i, j, logit.data(), acc.data(),
+                     qf.data());
+    }
+  });
+}
+
+#if defined(__AVX512F__)
+// ------------------------------------------------------------------------
+// float32 AVX-512 inference kernel, vectorised across queries: for a block
+// of 16 interior queries of one row (window start j - ks/2) and one key
+// offset, the 16 keys are consecutive, so with q and k transposed to
+// channel-major the 16 logits are c plain FMAs (no horizontal sums). The
+// first/last ks/2 columns (windows clamped) go through query_scalar.
+
+// exp for x <= 0 (Cephes expf polynomial, 2^n by scalef; ~1 ulp).
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  const __m512 n = _mm512_roundscale_ps(
+      _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507E-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073E-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894E-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r);
+  y = _mm512_add_ps(y, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(y, n);
+}
+
+// In-register transpose of a 16x16 tile.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  __m512 u[16];  // u[4i + k], 128-bit lane L: rows 4i..4i+3 of column 4L+k
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]),
+                  b = _mm512_castps_pd(t[4 * i + 1]),
+                  c = _mm512_castps_pd(t[4 * i + 2]),
+                  d = _mm512_castps_pd(t[4 * i + 3]);
+    u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[k], u[4 + k], 0x88),
+                 v1 = _mm512_shuffle_f32x4(u[k], u[4 + k], 0xdd),
+                 w0 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0x88),
+                 w1 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0xdd);
+    r[k] = _mm512_shuffle_f32x4(v0, w0, 0x88);
+    r[4 + k] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+    r[8 + k] = _mm512_shuffle_f32x4(v0, w0, 0xdd);
+    r[12 + k] = _mm512_shuffle_f32x4(v1, w1, 0xdd);
+  }
+}
+
+constexpr int64_t kMaxKernel = 32;
+
+inline __mmask16 lane_mask(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
+}
+
+// dst[t * dstride + r] = src[r * sstride + t] for r < n (<= 16), t < C;
+// columns n..15 of dst get zeros.
+inline void transpose_block(const float* src, int64_t sstride, int64_t n,
+                            int64_t C, float* dst, int64_t dstride) {
+  for (int64_t t0 = 0; t0 < C; t0 += 16) {
+    const __mmask16 cm = lane_mask(C - t0);
+    __m512 r[16];
+    for (int64_t x = 0; x < 16; ++x)
+      r[x] = x < n ? _mm512_maskz_loadu_ps(cm, src + x * sstride + t0)
+                   : _mm512_setzero_ps();
+    transpose16(r);
+    for (int64_t t = t0; t < std::min(C, t0 + 16); ++t)
+      _mm512_storeu_ps(dst + t * dstride, r[t - t0]);
+  }
+}
+
+// Logits of NB consecutive key offsets: out[b] = sum_t qT[t] * kT[t][b..].
+template <int NB>
+inline void qk_group(const float* qT, const float* kT, int64_t kstride,
+                     int64_t C, __m512* out) {
+  __m512 acc[NB];
+  for (int b = 0; b < NB; ++b) acc[b] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < C; ++t) {
+    const __m512 qv = _mm512_load_ps(qT + t * 16);
+    const float* kr = kT + t * kstride;
+    for (int b = 0; b < NB; ++b)
+      acc[b] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kr + b), acc[b]);
+  }
+  for (int b = 0; b < NB; ++b) out[b] = acc[b];
+}
+
+inline void qk_dispatch(int64_t nb, const float* qT, const float* kT,
+                        int64_t kstride, int64_t C, __m512* out) {
+  switch (nb) {
+    case 1: return qk_group<1>(qT, kT, kstride, C, out);
+    case 2: return qk_group<2>(qT, kT, kstride, C, out);
+    case 3: return qk_group<3>(qT, kT, kstride, C, out);
+    case 4: return qk_group<4>(qT, kT, kstride, C, out);
+    case 5: return qk_group<5>(qT, kT, kstride, C, out);
+    case 6: return qk_group<6>(qT, kT, kstride, C, out);
+    case 7: return qk_group<7>(qT, kT, kstride, C, out);
+    default: return qk_group<8>(qT, kT, kstride, C, out);
+  }
+}
+
+// out rows of NQ queries (lanes l0.. of the block) = sum_m p[m][l] v[key];
+// NV vectors of 16 channels per row, the last one masked by cm. vrow[a]
+// points at the first key of window row a of query lane 0.
+template <int NQ, int NV>
+inline void pv_queries(const float* p, int64_t l0, const float* const* vrow,
+                       int64_t vs3, int64_t ks, __mmask16 cm, float* out,
+                       int64_t os3) {
+  __m512 acc[NQ][NV];
+  for (int q = 0; q < NQ; ++q)
+    for (int u = 0; u < NV; ++u) acc[q][u] = _mm512_setzero_ps();
+  for (int64_t a = 0; a < ks; ++a) {
+    for (int64_t c2 = 0; c2 < ks; ++c2) {
+      const float* pm = p + (a * ks + c2) * 16 + l0;
+      const float* vv = vrow[a] + (l0 + c2) * vs3;
+      for (int q = 0; q < NQ; ++q) {
+        const __m512 pq = _mm512_set1_ps(pm[q]);
+        for (int u = 0; u < NV; ++u) {
+          const __m512 x =
+              u + 1 < NV ? _mm512_loadu_ps(vv + q * vs3 + u * 16)
+                         : _mm512_maskz_loadu_ps(cm, vv + q * vs3 + u * 16);
+          acc[q][u] = _mm512_fmadd_ps(pq, x, acc[q][u]);
+        }
+      }
+    }
+  }
+  for (int q = 0; q < NQ; ++q)
+    for (int u = 0; u < NV; ++u) {
+      float* o = out + (l0 + q) * os3 + u * 16;
+      if (u + 1 < NV) _mm512_storeu_ps(o, acc[q][u]);
+      else _mm512_mask_storeu_ps(o, cm, acc[q][u]);
+    }
+}
+
+template <int NV>
+inline void pv_block(const float* p, int64_t n, const float* const* vrow,
+                     int64_t vs3, int64_t ks, __mmask16 cm, float* out,
+                     int64_t os3) {
+  // several queries at once: independent FMA chains hide their latency
+  constexpr int NQ = NV == 1 ? 8 : 4;
+  int64_t l = 0;
+  for (; l + NQ <= n; l += NQ)
+    pv_queries<NQ, NV>(p, l, vrow, vs3, ks, cm, out, os3);
+  for (; l < n; ++l) pv_queries<1, NV>(p, l, vrow, vs3, ks, cm, out, os3);
+}
+
+// Per-thread scratch: the key rows of a chunk of query rows, channel-major
+// (C x Wp each, zero beyond W); the query block transposed (C x 16);
+// logits/probabilities (ks*ks x 16).
+struct Scratch {
+  int64_t Wp, C;
+  std::vector<float> buf;
+  float *kT, *qT, *p;
+  Scratch(int64_t rows, int64_t ks, int64_t C_, int64_t W) : C(C_) {
+    Wp = (W + 31) / 16 * 16;  // room for the reads of the last block
+    if ((Wp * 4) % 4096 == 0) Wp += 16;  // avoid 4 KiB aliasing of rows
+    const int64_t nk = rows * C * Wp, nq = C * 16, np = ks * ks * 16;
+    buf.assign(nk + nq + np + 16, 0.f);
+    float* base = reinterpret_cast<float*>(
+        (reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+    kT = base;
+    qT = kT + nk;
+    p = qT + nq;
+  }
+  float* key_row(int64_t r) { return kT + r * C * Wp; }
+};
+
+// Key row r of (b, hh), channel-major, into dst (C x Wp).
+void transpose_key_row(const NaArgs<float>& A, int64_t b, int64_t hh,
+                       int64_t r, float* dst, int64_t Wp) {
+  const float* src = A.k.row(b, hh, r);
+  for (int64_t j0 = 0; j0 < A.W; j0 += 16)
+    transpose_block(src + j0 * A.k.s3, A.k.s3, std::min<int64_t>(16, A.W - j0),
+                    A.C, dst + j0, Wp);
+}
+
+// Block of n (<= 16) interior queries (i, j0..j0+n); the key rows of row i
+// start at kT0 (channel-major, row stride C * Wp).
+void block_f32(const NaArgs<float>& A, float* qT, float* p, const float* kT0,
+               int64_t Wp, int64_t b, int64_t hh, int64_t i, int64_t j0,
+               int64_t n) {
+  const int64_t ks = A.ks, C = A.C, KK = ks * ks, RW = 2 * ks - 1,
+                NV = (C + 15) / 16, sj = j0 - ks / 2;
+  const int64_t si = window_start(i, ks, A.H);
+  transpose_block(A.q.row(b, hh, i) + j0 * A.q.s3, A.q.s3, n, C, qT, 16);
+  __m512* lg = reinterpret_cast<__m512*>(p);
+  for (int64_t a = 0; a < ks; ++a) {
+    const float* kT = kT0 + a * C * Wp + sj;
+    for (int64_t c2 = 0; c2 < ks; c2 += 8)
+      qk_dispatch(std::min<int64_t>(8, ks - c2), qT, kT + c2, Wp, C,
+                  lg + a * ks + c2);
+  }
+  // with the window start j - ks/2, the bias depends on (a, c2) only
+  const float* bias =
+      A.rpb + hh * RW * RW + (si - i + ks - 1) * RW + ks - 1 - ks / 2;
+  const __m512 sc = _mm512_set1_ps(A.scale);
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t a = 0; a < ks; ++a)
+    for (int64_t c2 = 0; c2 < ks; ++c2) {
+      __m512& l = lg[a * ks + c2];
+      l = _mm512_fmadd_ps(l, sc, _mm512_set1_ps(bias[a * RW + c2]));
+      mx = _mm512_max_ps(mx, l);
+    }
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t m = 0; m < KK; ++m) {
+    lg[m] = exp512(_mm512_sub_ps(lg[m], mx));
+    sum = _mm512_add_ps(sum, lg[m]);
+  }
+  const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), sum);
+  for (int64_t m = 0; m < KK; ++m) lg[m] = _mm512_mul_ps(lg[m], inv);
+  const float* vrow[kMaxKernel];
+  for (int64_t a = 0; a < ks; ++a)
+    vrow[a] = A.v.row(b, hh, si + a) + sj * A.v.s3;
+  const __mmask16 cm = lane_mask(C - (NV - 1) * 16);
+  float* ob = A.out.row(b, hh, i) + j0 * A.out.s3;
+  switch (NV) {
+    case 1: return pv_block<1>(p, n, vrow, A.v.s3, ks, cm, ob, A.out.s3);
+    case 2: return pv_block<2>(p, n, vrow, A.v.s3, ks, cm, ob, A.out.s3);
+    case 3: return pv_block<3>(p, n, vrow, A.v.s3, ks, cm, ob, A.out.s3);
+    default: return pv_block<4>(p, n, vrow, A.v.s3, ks, cm, ob, A.out.s3);
+  }
+}
+
+constexpr int64_t kMaxVecChannels = 64;
+constexpr int64_t kChunkRows = 8;
+
+// Work item: kChunkRows query rows of one (b, head). Their key rows are
+// transposed once; then each block of 16 columns walks down the rows, so
+// that all but one of the key rows it reads are still in L1.
+void forward_f32_avx512(const NaArgs<float>& A, int64_t B) {
+  const int64_t ks = A.ks, W = A.W, H = A.H;
+  const int64_t nchunk = (H + kChunkRows - 1) / kChunkRows;
+  // interior queries: window start exactly j - ks/2
+  const int64_t jlo = ks / 2, jhi = W - ks + ks / 2 + 1;
+  at::parallel_for(0, B * A.NH * nchunk, 1, [&](int64_t n0, int64_t e) {
+    Scratch S(kChunkRows + ks - 1, ks, A.C, W);
+    std::vector<float> logit(ks * ks), acc(A.C), qf(A.C);
+    for (int64_t n = n0; n < e; ++n) {
+      const int64_t bh = n / nchunk, b = bh / A.NH, hh = bh % A.NH;
+      const int64_t i0 = n % nchunk * kChunkRows,
+                    i1 = std::min(H, i0 + kChunkRows);
+      const int64_t r0 = window_start(i0, ks, H),
+                    r1 = window_start(i1 - 1, ks, H) + ks;
+      for (int64_t r = r0; r < r1; ++r)
+        transpose_key_row(A, b, hh, r, S.key_row(r - r0), S.Wp);
+      for (int64_t j0 = jlo; j0 < jhi; j0 += 16)
+        for (int64_t i = i0; i < i1; ++i)
+          block_f32(A, S.qT, S.p, S.key_row(window_start(i, ks, H) - r0),
+                    S.Wp, b, hh, i, j0, std::min<int64_t>(16, jhi - j0));
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t j = 0; j < W; ++j) {
+          if (j == jlo) j = std::max(jlo, jhi);
+          if (j >= W) break;
+          query_scalar(A, b, hh, i, j, logit.data(), acc.data(), qf.data());
+        }
+    }
+  });
+}
+#endif  // __AVX512F__
+
+template <typename scalar_t>
+NaArgs<scalar_t> make_args(const at::Tensor& q, const at::Tensor& k,
+                           const at::Tensor& v, const at::Tensor& rpb,
+                           at::Tensor& out, at::Tensor* attn, int64_t ks,
+                           double scale) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  return {View<const scalar_t>(q, q.const_data_ptr<scalar_t>()),
+          View<const scalar_t>(k, k.const_data_ptr<scalar_t>()),
+          View<const scalar_t>(v, v.const_data_ptr<scalar_t>()),
+          View<scalar_t>(out, out.mutable_data_ptr<scalar_t>()),
+          rpb.const_data_ptr<opmath_t>(),
+          attn ? attn->mutable_data_ptr<scalar_t>() : nullptr,
+          q.size(1), q.size(2), q.size(3), q.size(4), ks,
+          static_cast<opmath_t>(scale)};
+}
+
 // Returns (out (B, h, H, W, c), attn (B, h, H, W, ks*ks)).
 std::tuple<at::Tensor, at::Tensor> na_forward(const at::Tensor& q_in,
                                               const at::Tensor& k_in,
@@ -41,67 +420,50 @@ std::tuple<at::Tensor, at::Tensor> na_forward(const at::Tensor& q_in,
                                               int64_t ks, double scale) {
   check(q_in, k_in, v_in, rpb_in, ks);
   auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const int64_t B = q.size(0), NH = q.size(1), H = q.size(2), W = q.size(3),
-                C = q.size(4), KK = ks * ks, RW = 2 * ks - 1;
   auto rpb = rpb_in.to(at::toOpMathType(q.scalar_type())).contiguous();
   auto out = at::empty_like(q);
-  auto attn = at::empty({B, NH, H, W, KK}, q.options());
+  auto attn = at::empty({q.size(0), q.size(1), q.size(2), q.size(3), ks * ks},
+                        q.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, q.scalar_type(), "na_forward", [&] {
-        using opmath_t = at::opmath_type<scalar_t>;
-        const scalar_t* qp = q.const_data_ptr<scalar_t>();
-        const scalar_t* kp = k.const_data_ptr<scalar_t>();
-        const scalar_t* vp = v.const_data_ptr<scalar_t>();
-        const opmath_t* bp = rpb.const_data_ptr<opmath_t>();
-        scalar_t* op = out.mutable_data_ptr<scalar_t>();
-        scalar_t* ap = attn.mutable_data_ptr<scalar_t>();
-        const opmath_t sc = static_cast<opmath_t>(scale);
-        at::parallel_for(0, B * NH * H, 1, [&](int64_t b, int64_t e) {
-          std::vector<opmath_t> logit(KK), acc(C), qf(C);
-          for (int64_t n = b; n < e; ++n) {
-            const int64_t bh = n / H, i = n % H, hh = bh % NH;
-            const int64_t si = window_start(i, ks, H);
-            for (int64_t j = 0; j < W; ++j) {
-              const int64_t sj = window_start(j, ks, W);
-              const int64_t qi = (bh * H + i) * W + j;
-              for (int64_t t = 0; t < C; ++t) qf[t] = qp[qi * C + t];
-              opmath_t mx = -INFINITY;
-              for (int64_t a = 0; a < ks; ++a) {
-                const opmath_t* brow =
-                    bp + (hh * RW + si + a - i + ks - 1) * RW + sj - j + ks - 1;
-                for (int64_t c2 = 0; c2 < ks; ++c2) {
-                  const scalar_t* kv =
-                      kp + ((bh * H + si + a) * W + sj + c2) * C;
-                  opmath_t dot = 0;
-                  _Pragma("omp simd reduction(+ : dot)")
-                  for (int64_t t = 0; t < C; ++t) dot += qf[t] * kv[t];
-                  const opmath_t l = dot * sc + brow[c2];
-                  logit[a * ks + c2] = l;
-                  mx = std::max(mx, l);
-                }
-              }
-              opmath_t sum = 0;
-              for (int64_t m = 0; m < KK; ++m) {
-                logit[m] = std::exp(logit[m] - mx);
-                sum += logit[m];
-              }
-              const opmath_t inv = opmath_t(1) / sum;
-              std::fill(acc.begin(), acc.end(), opmath_t(0));
-              for (int64_t a = 0; a < ks; ++a) {
-                for (int64_t c2 = 0; c2 < ks; ++c2) {
-                  const opmath_t p = logit[a * ks + c2] * inv;
-                  ap[qi * KK + a * ks + c2] = p;
-                  const scalar_t* vv =
-                      vp + ((bh * H + si + a) * W + sj + c2) * C;
-                  for (int64_t t = 0; t < C; ++t) acc[t] += p * vv[t];
-                }
-              }
-              for (int64_t t = 0; t < C; ++t) op[qi * C + t] = acc[t];
-            }
-          }
-        });
+        forward_scalar(
+            make_args<scalar_t>(q, k, v, rpb, out, &attn, ks, scale),
+            q.size(0));
       });
   return {out, attn};
+}
+
+// Returns out (B, h, H, W, c) only, laid out as (B, H, W, h, c) in memory
+// (the layout the projection takes). q, k, v may be strided views (e.g. of
+// the qkv projection) as long as channels are contiguous.
+at::Tensor na_forward_inference(const at::Tensor& q_in, const at::Tensor& k_in,
+                                const at::Tensor& v_in,
+                                const at::Tensor& rpb_in, int64_t ks,
+                                double scale) {
+  check(q_in, k_in, v_in, rpb_in, ks);
+  auto unit_c = [](const at::Tensor& t) {
+    return t.stride(4) == 1 ? t : t.contiguous();
+  };
+  auto q = unit_c(q_in), k = unit_c(k_in), v = unit_c(v_in);
+  auto rpb = rpb_in.to(at::toOpMathType(q.scalar_type())).contiguous();
+  auto out = at::empty({q.size(0), q.size(2), q.size(3), q.size(1), q.size(4)},
+                       q.options())
+                 .permute({0, 3, 1, 2, 4});
+#if defined(__AVX512F__)
+  if (q.scalar_type() == at::kFloat && q.size(4) <= kMaxVecChannels &&
+      ks <= kMaxKernel) {
+    forward_f32_avx512(make_args<float>(q, k, v, rpb, out, nullptr, ks, scale),
+                       q.size(0));
+    return out;
+  }
+#endif
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, q.scalar_type(), "na_forward_inference", [&] {
+        forward_scalar(
+            make_args<scalar_t>(q, k, v, rpb, out, nullptr, ks, scale),
+            q.size(0));
+      });
+  return out;
 }
 
 // Returns (dq, dk, dv, drpb).
@@ -197,6 +559,9 @@ TORCH_LIBRARY_FRAGMENT(mmdat, m) {
       "neighborhood_attention(Tensor q, Tensor k, Tensor v, Tensor rpb, "
       "int ks, float scale) -> (Tensor, Tensor)");
   m.def(
+      "neighborhood_attention_inference(Tensor q, Tensor k, Tensor v, "
+      "Tensor rpb, int ks, float scale) -> Tensor");
+  m.def(
       "neighborhood_attention_backward(Tensor grad, Tensor q, Tensor k, "
       "Tensor v, Tensor attn, int ks, float scale) -> "
       "(Tensor, Tensor, Tensor, Tensor)");
@@ -204,5 +569,6 @@ TORCH_LIBRARY_FRAGMENT(mmdat, m) {
 
 TORCH_LIBRARY_IMPL(mmdat, CPU, m) {
   m.impl("neighborhood_attention", &na_forward);
+  m.impl("neighborhood_attention_inference", &na_forward_inference);
   m.impl("neighborhood_attention_backward", &na_backward);
 }
