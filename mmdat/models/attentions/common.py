@@ -101,9 +101,12 @@ def add_into_branch(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     CPU costs more (page faults) than the addition.
 
     ``branch`` must be a fresh output whose producer does not keep it for
-    its backward (a convolution, a linear layer, a view of one, drop path).
+    its backward (a convolution, a linear layer, drop path). Views (a
+    permuted linear output) are added out of place: in training an in-place
+    change of a view makes autograd clone the whole base in backward.
     """
-    if branch.dtype == x.dtype and branch.shape == x.shape:
+    if (branch.dtype == x.dtype and branch.shape == x.shape
+            and not (branch._is_view() and torch.is_grad_enabled())):
         return branch.add_(x)
     return x + branch
 

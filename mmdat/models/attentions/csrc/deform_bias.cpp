@@ -507,7 +507,46 @@ inline void bias_row_backward(const float* T, const int* yi, const float* wy,
                               const int* xi, const float* wx, int tx,
                               int64_t Ns, const float* dS, float* gt,
                               float* gfy, float* gfx) {
-  for (int64_t k = 0; k < Ns; ++k) {
+  int64_t k = 0;
+  // 16 keys at a time: fy/fx gradients and the four corner weights in
+  // vectors; the table scatter stays scalar (keys may share a cell)
+  alignas(64) int off16[16];
+  alignas(64) float w[4][16];
+  const __m512i vtx = _mm512_set1_epi32(tx);
+  for (; k + 16 <= Ns; k += 16) {
+    const __m512i off = _mm512_add_epi32(
+        _mm512_mullo_epi32(_mm512_loadu_si512(yi + k), vtx),
+        _mm512_loadu_si512(xi + k));
+    __m512 t00, t01, t10, t11;
+    gather_pairs(T, off, t00, t01);
+    gather_pairs(T, _mm512_add_epi32(off, vtx), t10, t11);
+    const __m512 g = _mm512_loadu_ps(dS + k), fxk = _mm512_loadu_ps(wx + k),
+                 fyk = _mm512_loadu_ps(wy + k);
+    const __m512 dtop = _mm512_sub_ps(t01, t00), dbot = _mm512_sub_ps(t11, t10);
+    const __m512 top = _mm512_fmadd_ps(fxk, dtop, t00);
+    const __m512 bot = _mm512_fmadd_ps(fxk, dbot, t10);
+    _mm512_storeu_ps(gfy + k, _mm512_fmadd_ps(g, _mm512_sub_ps(bot, top),
+                                              _mm512_loadu_ps(gfy + k)));
+    _mm512_storeu_ps(
+        gfx + k,
+        _mm512_fmadd_ps(
+            g, _mm512_fmadd_ps(fyk, _mm512_sub_ps(dbot, dtop), dtop),
+            _mm512_loadu_ps(gfx + k)));
+    const __m512 gb = _mm512_mul_ps(g, fyk), gt_ = _mm512_sub_ps(g, gb);
+    _mm512_store_ps(w[1], _mm512_mul_ps(gt_, fxk));
+    _mm512_store_ps(w[0], _mm512_sub_ps(gt_, _mm512_load_ps(w[1])));
+    _mm512_store_ps(w[3], _mm512_mul_ps(gb, fxk));
+    _mm512_store_ps(w[2], _mm512_sub_ps(gb, _mm512_load_ps(w[3])));
+    _mm512_store_si512(off16, off);
+    for (int l = 0; l < 16; ++l) {
+      float* G = gt + off16[l];
+      G[0] += w[0][l];
+      G[1] += w[1][l];
+      G[tx] += w[2][l];
+      G[tx + 1] += w[3][l];
+    }
+  }
+  for (; k < Ns; ++k) {
     const int off = yi[k] * tx + xi[k];
     const float g = dS[k], fxk = wx[k], fyk = wy[k];
     float top, bot;
