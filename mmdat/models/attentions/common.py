@@ -69,30 +69,71 @@ def create_block_mask(*args, **kwargs):
     return cbm(*args, _compile=True, **kwargs)
 
 
-def cpu_inference_fusable(x: torch.Tensor) -> bool:
+def onednn_fusable(x: torch.Tensor) -> bool:
     """Whether the fused oneDNN (mkldnn) CPU convolutions may replace plain
-    ops for ``x``: a float CPU tensor, autograd off (they have no backward),
-    no autocast (they are not autocast-aware), not under ``torch.compile``
-    (which fuses by itself)."""
-    return (x.device.type == 'cpu' and not torch.is_grad_enabled()
+    ops for ``x``: a float CPU tensor, no autocast (they are not
+    autocast-aware), not under ``torch.compile`` (which fuses by itself)."""
+    return (x.device.type == 'cpu'
             and x.dtype in (torch.float32, torch.bfloat16)
             and not torch.is_autocast_enabled('cpu')
             and not torch.compiler.is_compiling()
             and torch.backends.mkldnn.is_available())
 
 
+def cpu_inference_fusable(x: torch.Tensor) -> bool:
+    """:func:`onednn_fusable` with autograd off: in-place tricks allowed."""
+    return not torch.is_grad_enabled() and onednn_fusable(x)
+
+
 def conv_add(conv: nn.Conv2d, x: torch.Tensor,
              residual: torch.Tensor) -> torch.Tensor:
-    """``residual + conv(x)``; in CPU inference one oneDNN convolution with
-    the addition as a post-op (bit-identical, one pass over the output
-    instead of three)."""
-    if (cpu_inference_fusable(x) and conv.padding_mode == 'zeros'
-            and isinstance(conv.padding, tuple)):
-        return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, residual, conv.weight, conv.bias, list(conv.padding),
-            list(conv.stride), list(conv.dilation), conv.groups, 'add', None,
-            None, [], None)
+    """``residual + conv(x)``; on CPU one oneDNN convolution with the
+    addition as a post-op (bit-identical, one pass over the output instead
+    of three), with the convolution's own backward in training."""
+    if (onednn_fusable(x) and conv.padding_mode == 'zeros'
+            and isinstance(conv.padding, tuple)
+            and residual.dtype == x.dtype == conv.weight.dtype):
+        if torch.is_grad_enabled():
+            return _ConvAdd.apply(x, residual, conv.weight, conv.bias,
+                                  conv.stride, conv.padding, conv.dilation,
+                                  conv.groups)
+        return _conv_add_onednn(x, residual, conv.weight, conv.bias,
+                                conv.stride, conv.padding, conv.dilation,
+                                conv.groups)
     return add_into_branch(residual, conv(x))
+
+
+def _conv_add_onednn(x, residual, weight, bias, stride, padding, dilation,
+                     groups):
+    return torch.ops.mkldnn._convolution_pointwise.binary(
+        x, residual, weight, bias, list(padding), list(stride),
+        list(dilation), groups, 'add', None, None, [], None)
+
+
+class _ConvAdd(torch.autograd.Function):
+    """``residual + conv2d(x)`` through the fused oneDNN op; backward: the
+    residual's gradient is the output's, the rest is the convolution's."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, stride, padding, dilation,
+                groups):
+        ctx.save_for_backward(x, weight)
+        ctx.conf = (stride, padding, dilation, groups, bias is not None)
+        return _conv_add_onednn(x, residual, weight, bias, stride, padding,
+                                dilation, groups)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups, has_bias = ctx.conf
+        need = ctx.needs_input_grad
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad, x, weight, [weight.shape[0]] if has_bias else None,
+            list(stride), list(padding), list(dilation), False, [0, 0],
+            groups, [need[0], need[2], has_bias and need[3]])
+        return (gx, grad if need[1] else None, gw, gb, None, None, None,
+                None)
 
 
 def add_into_branch(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
@@ -105,6 +146,8 @@ def add_into_branch(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     permuted linear output) are added out of place: in training an in-place
     change of a view makes autograd clone the whole base in backward.
     """
+    if torch.compiler.is_compiling():
+        return x + branch  # inductor plans its own buffers
     if (branch.dtype == x.dtype and branch.shape == x.shape
             and not (branch._is_view() and torch.is_grad_enabled())):
         return branch.add_(x)

@@ -1,6 +1,7 @@
-"""CPU inference fast paths that must not change results: oneDNN
-convolutions with the residual addition fused, in-place GELU, and the
-channels-last layout kept through the deformable attention."""
+"""CPU fast paths that must not change results: oneDNN convolutions with
+the residual addition fused (inference and training), in-place GELU, the
+channels-last layout kept through the deformable attention, and the
+one-pass deformable attention kernels."""
 import pytest
 import torch
 
@@ -26,6 +27,27 @@ def test_conv_add_equals_plain(layout):
         assert cpu_inference_fusable(x)
         got = conv_add(conv, x, res)
     assert torch.allclose(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('same', [True, False])
+def test_conv_add_training_grads_equal_plain(same):
+    """The fused op with the convolution's own backward, also when the
+    convolution's input is the residual (ConvFFN, local perception unit)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 8, 3, 1, 1, groups=8)
+    x0 = torch.randn(2, 8, 9, 7).contiguous(memory_format=CL)
+    r0 = x0 if same else torch.randn(2, 8, 9, 7)
+    grads = []
+    for fused in (True, False):
+        x = x0.clone().requires_grad_()
+        r = x if same else r0.clone().requires_grad_()
+        conv.zero_grad()
+        out = conv_add(conv, x, r) if fused else r + conv(x)
+        (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
+        grads.append([out.detach(), x.grad, conv.weight.grad.clone(),
+                      conv.bias.grad.clone()] + ([] if same else [r.grad]))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_fusion_only_without_autograd_and_autocast():
