@@ -201,3 +201,15 @@ def test_fused_kernels_in_training_give_reference_grads(case, monkeypatch):
                                 ref.named_parameters()):
         assert close(pf.grad, pr.grad,
                      max(float(pr.grad.abs().max()), floor)), n
+
+
+def test_conv_add_runs_module_hooks():
+    """A hook on the convolution (FLOP counters, feature extractors) still
+    sees the call: the fused op is not used then."""
+    conv = torch.nn.Conv2d(4, 4, 3, 1, 1, groups=4)
+    seen = []
+    conv.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    x = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        out = conv_add(conv, x, x)
+    assert seen == [out.shape]

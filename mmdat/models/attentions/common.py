@@ -72,11 +72,13 @@ def create_block_mask(*args, **kwargs):
 def onednn_fusable(x: torch.Tensor) -> bool:
     """Whether the fused oneDNN (mkldnn) CPU convolutions may replace plain
     ops for ``x``: a float CPU tensor, no autocast (they are not
-    autocast-aware), not under ``torch.compile`` (which fuses by itself)."""
+    autocast-aware), not under ``torch.compile`` (which fuses by itself)
+    or a JIT trace (FLOP counters trace the plain convolutions)."""
     return (x.device.type == 'cpu'
             and x.dtype in (torch.float32, torch.bfloat16)
             and not torch.is_autocast_enabled('cpu')
             and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()
             and torch.backends.mkldnn.is_available())
 
 
@@ -92,7 +94,8 @@ def conv_add(conv: nn.Conv2d, x: torch.Tensor,
     of three), with the convolution's own backward in training."""
     if (onednn_fusable(x) and conv.padding_mode == 'zeros'
             and isinstance(conv.padding, tuple)
-            and residual.dtype == x.dtype == conv.weight.dtype):
+            and residual.dtype == x.dtype == conv.weight.dtype
+            and not has_hooks(conv)):
         if torch.is_grad_enabled():
             return _ConvAdd.apply(x, residual, conv.weight, conv.bias,
                                   conv.stride, conv.padding, conv.dilation,
@@ -101,6 +104,15 @@ def conv_add(conv: nn.Conv2d, x: torch.Tensor,
                                 conv.stride, conv.padding, conv.dilation,
                                 conv.groups)
     return add_into_branch(residual, conv(x))
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks (FLOP counters, feature
+    extractors): the fused op bypasses the module call, so then it is not
+    used."""
+    from torch.nn.modules import module as m
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or m._global_forward_hooks or m._global_forward_pre_hooks)
 
 
 def _conv_add_onednn(x, residual, weight, bias, stride, padding, dilation,

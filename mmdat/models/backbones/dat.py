@@ -17,7 +17,7 @@ from mmengine.model.weight_init import trunc_normal_
 from ..attentions import (DeformableAttention, LayerNorm2d,
                           NeighborhoodAttention, WindowAttention)
 from ..attentions.common import (add_into_branch, check_impl, conv_add,
-                                 cpu_inference_fusable)
+                                 cpu_inference_fusable, has_hooks)
 
 NUM_STAGES = 4
 BLOCK_LETTERS = ('N', 'D', 'L', 'S')
@@ -154,7 +154,8 @@ class ConvFFN(nn.Module):
         x = self.linear1(x)
         x = conv_add(self.dwc, x, x)
         # in inference the sum is a fresh tensor: GELU in place
-        x = (torch.ops.aten.gelu_(x) if cpu_inference_fusable(x)
+        x = (torch.ops.aten.gelu_(x)
+             if cpu_inference_fusable(x) and not has_hooks(self.act)
              else self.act(x))
         return self.linear2(x)
 
