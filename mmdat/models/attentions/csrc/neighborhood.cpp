@@ -346,6 +346,11 @@ void block_f32(const NaArgs<float>& A, float* qT, float* p, const float* kT0,
   }
   const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), sum);
   for (int64_t m = 0; m < KK; ++m) lg[m] = _mm512_mul_ps(lg[m], inv);
+  if (A.attn) {  // training: the probabilities, in (query, key) order
+    float* ap = A.attn + (((b * A.NH + hh) * A.H + i) * A.W + j0) * KK;
+    for (int64_t m = 0; m < KK; ++m)
+      for (int64_t l = 0; l < n; ++l) ap[l * KK + m] = p[m * 16 + l];
+  }
   const float* vrow[kMaxKernel];
   for (int64_t a = 0; a < ks; ++a)
     vrow[a] = A.v.row(b, hh, si + a) + sj * A.v.s3;
@@ -424,6 +429,14 @@ std::tuple<at::Tensor, at::Tensor> na_forward(const at::Tensor& q_in,
   auto out = at::empty_like(q);
   auto attn = at::empty({q.size(0), q.size(1), q.size(2), q.size(3), ks * ks},
                         q.options());
+#if defined(__AVX512F__)
+  if (q.scalar_type() == at::kFloat && q.size(4) <= kMaxVecChannels &&
+      ks <= kMaxKernel) {
+    forward_f32_avx512(make_args<float>(q, k, v, rpb, out, &attn, ks, scale),
+                       q.size(0));
+    return {out, attn};
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, q.scalar_type(), "na_forward", [&] {
         forward_scalar(
