@@ -17,7 +17,7 @@ print('OK' if ext.cpu_ops_available() else 'FALLBACK')
 
 def test_lock_left_by_killed_build_does_not_hang(tmp_path):
     from mmdat.models.attentions import ext
-    build_dir = tmp_path / f'mmdat_cpu_ops_{ext._cpu_tag()}'
+    build_dir = tmp_path / f'mmdat_cpu_ops_{ext._build_tag()}'
     build_dir.mkdir()
     lock = build_dir / 'lock'
     lock.write_text('')

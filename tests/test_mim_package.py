@@ -100,9 +100,9 @@ def test_wheel_holds_configs_and_tools(wheel):
             member = f'mmdat/.mim/{rel}'
             assert member in names, member
             assert zf.read(member) == (ROOT / rel).read_bytes(), member
-        for cpp in glob.glob(str(ROOT / 'mmdat/**/csrc/*.cpp'),
+        for src in glob.glob(str(ROOT / 'mmdat/**/csrc/*.*'),
                              recursive=True):  # compiled on first use
-            assert osp.relpath(cpp, ROOT) in names, cpp
+            assert osp.relpath(src, ROOT) in names, src
 
 
 def test_mim_search_lists_the_configs(wheel, tmp_path):

@@ -20,6 +20,8 @@ import torch
 
 _SRCS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), 'csrc',
                                       '*.cpp')))
+_HEADERS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), 'csrc',
+                                         '*.h')))
 _STATE = {}
 
 
@@ -59,7 +61,7 @@ def _load() -> bool:
         from torch.utils.cpp_extension import load
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
-            load(name=f'mmdat_cpu_ops_{_cpu_tag()}', sources=_SRCS,
+            load(name=f'mmdat_cpu_ops_{_build_tag()}', sources=_SRCS,
                  extra_cflags=['-O3', '-march=native', '-fopenmp'],
                  extra_ldflags=['-fopenmp'], is_python_module=False,
                  verbose=False)
@@ -76,8 +78,9 @@ def _load() -> bool:
         log.setLevel(level)
 
 
-def _cpu_tag() -> str:
-    """Short hash of the CPU model and feature flags."""
+def _build_tag() -> str:
+    """Short hash of the CPU model and feature flags, and of the shared
+    headers (torch rebuilds on changed sources, not on changed headers)."""
     info = platform.machine()
     try:
         with open('/proc/cpuinfo') as f:
@@ -88,4 +91,7 @@ def _cpu_tag() -> str:
                     break
     except OSError:
         info += platform.processor()
+    for header in _HEADERS:
+        with open(header) as f:
+            info += f.read()
     return hashlib.sha1(info.encode()).hexdigest()[:10]

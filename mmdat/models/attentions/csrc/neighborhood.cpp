@@ -14,6 +14,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "simd.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -136,25 +138,6 @@ void forward_scalar(const NaArgs<scalar_t>& A, int64_t B) {
 // offset, the 16 keys are consecutive, so with q and k transposed to
 // channel-major the 16 logits are c plain FMAs (no horizontal sums). The
 // first/last ks/2 columns (windows clamped) go through query_scalar.
-
-// exp for x <= 0 (Cephes expf polynomial, 2^n by scalef; ~1 ulp).
-inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
-  const __m512 n = _mm512_roundscale_ps(
-      _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507E-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073E-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894E-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r);
-  y = _mm512_add_ps(y, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(y, n);
-}
 
 // In-register transpose of a 16x16 tile.
 inline void transpose16(__m512 r[16]) {
@@ -341,7 +324,7 @@ void block_f32(const NaArgs<float>& A, float* qT, float* p, const float* kT0,
     }
   __m512 sum = _mm512_setzero_ps();
   for (int64_t m = 0; m < KK; ++m) {
-    lg[m] = exp512(_mm512_sub_ps(lg[m], mx));
+    lg[m] = exp_nonpositive(_mm512_sub_ps(lg[m], mx));
     sum = _mm512_add_ps(sum, lg[m]);
   }
   const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), sum);
