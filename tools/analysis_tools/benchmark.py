@@ -201,14 +201,15 @@ def main(argv=None) -> List[Dict]:
                   f'median {res["time_s"] * 1000:9.1f} ms  peak '
                   f'{res["peak_mb"]:8.1f} MB', flush=True)
         ratios = {}
-        if 'auto' in row:
-            for other in ('fast', 'reference', 'swin'):
-                if other in row:
-                    ratios[f'time_auto/{other}'] = (row['auto']['time_s'] /
-                                                    row[other]['time_s'])
-                    ratios[f'peak_auto/{other}'] = (
-                        row['auto']['peak_mb'] / max(row[other]['peak_mb'],
-                                                     1e-9))
+        # the default path against the others ('fast' is what 'auto' runs
+        # on CPU, so either may stand for it)
+        base = next((v for v in ('auto', 'fast') if v in row), None)
+        for other in VARIANTS if base else ():
+            if other != base and other in row:
+                ratios[f'time_{base}/{other}'] = (row[base]['time_s'] /
+                                                  row[other]['time_s'])
+                ratios[f'peak_{base}/{other}'] = (
+                    row[base]['peak_mb'] / max(row[other]['peak_mb'], 1e-9))
         for k, val in ratios.items():
             print(f'  {mode} {k} = {val:.3f}')
         results.append(dict(target=args.target, arch=arch, mode=mode,
