@@ -68,7 +68,7 @@ if __name__ == '__main__':
                 '.mim/configs/**/*.yml', '.mim/tools/**/*.py',
                 '.mim/tools/**/*.sh',
                 # compiled on first use (torch.utils.cpp_extension.load)
-                'models/attentions/csrc/*.cpp', 'models/attentions/csrc/*.h'
+                'ops/csrc/*.cpp', 'ops/csrc/*.h'
             ]
         },
         python_requires='>=3.8',

@@ -43,7 +43,7 @@ def _compare_param_grads(fast, ref):
 def cpu_ops(request, monkeypatch):
     """The attention through the compiled CPU kernels, or through the
     pure-PyTorch paths used where they cannot be built (and on CUDA)."""
-    from mmdat.models.attentions import ext
+    from mmdat.ops import library as ext
     if request.param == 'fused':
         assert ext.cpu_ops_available(), 'fused CPU kernel not built'
     else:
@@ -173,7 +173,7 @@ def test_fused_bias_kernel_equals_pytorch(dtype, Ns):
 
 
 def test_fused_bias_kernel_rejects_bad_input():
-    from mmdat.models.attentions import ext
+    from mmdat.ops import library as ext
     assert ext.cpu_ops_available()
     table = torch.zeros(1, 1, 3, 4)
     y0, fy = torch.zeros(1, 2, 3).int(), torch.zeros(1, 2, 3)
@@ -190,7 +190,7 @@ def test_fused_bias_kernel_rejects_bad_input():
 
 
 def test_fused_neighborhood_kernel_rejects_bad_input():
-    from mmdat.models.attentions import ext
+    from mmdat.ops import library as ext
     assert ext.cpu_ops_available()
     q = torch.zeros(1, 2, 5, 5, 4)
     with pytest.raises(RuntimeError, match='smaller than the kernel'):
@@ -215,7 +215,7 @@ def test_fused_neighborhood_kernel_rejects_bad_input():
 def test_fused_neighborhood_inference_kernel(shape, ks, dtype):
     """The inference op (no attention weights, own float32 kernel) gives the
     training op's output, also from strided views of a qkv tensor."""
-    from mmdat.models.attentions import ext
+    from mmdat.ops import library as ext
     assert ext.cpu_ops_available()
     torch.manual_seed(0)
     B, h, H, W, c = shape
@@ -238,7 +238,7 @@ def test_fused_neighborhood_inference_kernel(shape, ks, dtype):
 def test_neighborhood_no_grad_equals_training_path(hw):
     """Under no_grad the module takes the inference kernel; same output as
     the autograd path (training kernel)."""
-    from mmdat.models.attentions import ext
+    from mmdat.ops import library as ext
     assert ext.cpu_ops_available()
     torch.manual_seed(2)
     m = NeighborhoodAttention(64, 2, 7)

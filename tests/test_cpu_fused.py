@@ -93,7 +93,7 @@ def test_deformable_output_channels_last_and_equal(B):
 
 
 def _fused_available():
-    from mmdat.models.attentions import ext
+    from mmdat.ops import library as ext
     return ext.use_cpu_ops(torch.zeros(1)) and \
         ext.fused_deform_attention_available()
 

@@ -10,13 +10,13 @@ import time
 from conftest import ROOT
 
 SCRIPT = '''
-from mmdat.models.attentions import ext
+from mmdat.ops import library as ext
 print('OK' if ext.cpu_ops_available() else 'FALLBACK')
 '''
 
 
 def test_lock_left_by_killed_build_does_not_hang(tmp_path):
-    from mmdat.models.attentions import ext
+    from mmdat.ops import library as ext
     build_dir = tmp_path / f'mmdat_cpu_ops_{ext._build_tag()}'
     build_dir.mkdir()
     lock = build_dir / 'lock'

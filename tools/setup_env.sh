@@ -75,7 +75,7 @@ pipi --no-deps --no-build-isolation -e "$ROOT"
 "$PY" -c 'import mmdat, mmcv.ops, mmdet, mmseg, mmpretrain' >/dev/null
 # the fused CPU attention kernels are built on first use; build them now
 # (about 20 s) so that no run pays for it (mmdat falls back if this fails)
-"$PY" -c 'from mmdat.models.attentions.ext import cpu_ops_available as ok
+"$PY" -c 'from mmdat.ops.library import cpu_ops_available as ok
 print("fused CPU kernels:", "ready" if ok() else "unavailable (fallback)")'
 echo "$KEY" > "$STAMP"
 log "ready: $VENV"

@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .common import (LayerNorm2d, check_impl, flex_attention,
                      normalized_grid, reference_grid, resolve_impl)
-from .ext import fused_deform_attention_available, use_cpu_ops
+from ...ops.library import fused_deform_attention_available, use_cpu_ops
 
 # Elements of the (query-chunk x keys) bias block per head-batch kept alive at
 # once by the fast path; bounds its peak memory at large resolutions. GPUs

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .common import (check_impl, create_block_mask, flex_attention,
                      resolve_impl)
-from .ext import use_cpu_ops
+from ...ops.library import use_cpu_ops
 
 
 def window_starts(n: int, k: int, device=None) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""mmdat's operators: one dispatcher per op, implementations side by side."""
