@@ -116,3 +116,250 @@ def test_checkpoint_of_another_arch_names_the_key(manifests, fill, tmp_path):
 def test_checkpoint_kind_message_lists_keys():
     with pytest.raises(ValueError, match="found top-level keys \\['foo'\\]"):
         checkpoint_kind({'foo': 1}, 'x.pth')
+
+
+# --------------------------------------------------------------------------
+# safe loading (mmdat.utils.checkpoint.safe_load)
+# --------------------------------------------------------------------------
+_RAN = []
+
+
+def _record(tag):
+    _RAN.append(tag)
+    return tag
+
+
+class _Payload:
+    """Unpickling it calls ``_record``: stands for any code a pickle runs."""
+
+    def __reduce__(self):
+        return (_record, ('payload ran', ))
+
+
+def _runner_like_checkpoint():
+    """What an mmengine runner checkpoint holds besides tensors."""
+    import numpy as np
+    from mmengine.logging import MessageHub
+    from mmengine.optim.scheduler import MultiStepLR
+    hub = MessageHub.get_instance('mmdat_test_safe_load')
+    for i in range(3):
+        hub.update_scalar('train/loss', np.float64(1.0 / (i + 1)))
+        hub.update_scalar('train/lr', 1e-4)
+    hub.update_info('iter', 3)
+    hub.update_info('arr', np.arange(3, dtype=np.int64))
+    param = torch.nn.Parameter(torch.zeros(2))
+    optim = torch.optim.AdamW([param], lr=1e-4)
+    sched = MultiStepLR(optim, milestones=[8, 11], by_epoch=True)
+    return {
+        'meta': {'epoch': 1, 'iter': 3, 'cfg': 'model = dict()',
+                 'seed': np.int64(0), 'dataset_meta': {'classes': ('a', )}},
+        'state_dict': {'w': torch.ones(2)},
+        'message_hub': hub.state_dict(),
+        'optimizer': optim.state_dict(),
+        'param_schedulers': [sched.state_dict()],
+    }
+
+
+def test_safe_load_reads_runner_checkpoints(tmp_path):
+    from mmdat.utils import safe_load
+    path = tmp_path / 'epoch_1.pth'
+    torch.save(_runner_like_checkpoint(), path)
+    ckpt = safe_load(str(path))  # not trusted: weights-only + allowlist
+    hub = ckpt['message_hub']
+    assert hub['log_scalars']['train/loss'].mean() == pytest.approx(
+        (1 + 1 / 2 + 1 / 3) / 3)
+    assert list(ckpt['param_schedulers'][0]['milestones']) == [8, 11]
+
+
+def test_safe_load_refuses_foreign_globals(tmp_path, monkeypatch):
+    from mmdat.utils import UntrustedCheckpointError, safe_load
+    monkeypatch.delenv('MMDAT_TRUSTED_CHECKPOINTS', raising=False)
+    path = tmp_path / 'evil.pth'
+    torch.save({'state_dict': {'w': torch.ones(1)}, 'cfg': _Payload()}, path)
+    _RAN.clear()
+    with pytest.raises(UntrustedCheckpointError) as info:
+        safe_load(str(path))
+    message = str(info.value)
+    assert _RAN == []  # nothing of the pickle ran
+    assert 'evil.pth' in message
+    assert f'{__name__}._record' in message  # the global, by name
+    assert 'trusted=True' in message and 'MMDAT_TRUSTED_CHECKPOINTS' in message
+    assert info.value.globals == [f'{__name__}._record']
+
+    with pytest.warns(UserWarning, match='weights_only=False'):
+        ckpt = safe_load(str(path), trusted=True)
+    assert ckpt['cfg'] == 'payload ran'
+
+    # trusting the directory through the environment
+    _RAN.clear()
+    monkeypatch.setenv('MMDAT_TRUSTED_CHECKPOINTS', str(tmp_path))
+    with pytest.warns(UserWarning, match='weights_only=False'):
+        safe_load(str(path))
+    assert _RAN == ['payload ran']
+    monkeypatch.setenv('MMDAT_TRUSTED_CHECKPOINTS', str(tmp_path / 'other'))
+    with pytest.raises(UntrustedCheckpointError):
+        safe_load(str(path))
+
+
+def test_safe_load_restricts_getattr(tmp_path):
+    """``getattr`` is allowed only for HistoryBuffer's statistics methods."""
+    from mmengine.logging.history_buffer import HistoryBuffer
+
+    from mmdat.utils import UntrustedCheckpointError, safe_load
+
+    class _Getattr:
+        def __reduce__(self):
+            return (getattr, (HistoryBuffer, '__init__'))
+
+    path = tmp_path / 'getattr.pth'
+    torch.save({'x': _Getattr()}, path)
+    with pytest.raises(UntrustedCheckpointError, match='refusing getattr'):
+        safe_load(str(path))
+
+
+@pytest.fixture()
+def http_dir(tmp_path):
+    """A local HTTP server serving ``tmp_path / 'srv'``."""
+    import functools
+    import http.server
+    import threading
+    root = tmp_path / 'srv'
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler,
+                                directory=str(root))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f'http://127.0.0.1:{server.server_address[1]}'
+    server.shutdown()
+
+
+def test_safe_load_http_url_uses_the_hub_cache(http_dir, tmp_path,
+                                               monkeypatch):
+    from mmdat.utils import UntrustedCheckpointError, safe_load
+    root, url = http_dir
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    torch.save({'state_dict': {'w': torch.arange(3.)}}, root / 'good.pth')
+    ckpt = safe_load(f'{url}/good.pth')
+    assert torch.equal(ckpt['state_dict']['w'], torch.arange(3.))
+    cached = tmp_path / 'torch_home' / 'hub' / 'checkpoints' / 'good.pth'
+    assert cached.is_file()
+    torch.save({'cfg': _Payload()}, root / 'evil.pth')
+    _RAN.clear()
+    with pytest.raises(UntrustedCheckpointError, match='evil.pth'):
+        safe_load(f'{url}/evil.pth')
+    assert _RAN == []
+    assert torch.load is not None and torch.load.__name__ == 'load'
+
+
+def test_pretrained_init_from_url(http_dir, tmp_path, monkeypatch, manifests,
+                                  fill):
+    root, url = http_dir
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    _, ckpt = _official_dense(manifests, fill)
+    torch.save(ckpt, root / 'det.pth')
+    model = DAT(arch=manifests['backbone/mini']['official_kwargs'],
+                init_cfg=dict(type='Pretrained', checkpoint=f'{url}/det.pth'))
+    model.init_weights()
+    assert torch.equal(model.state_dict()['patch_proj.0.weight'],
+                       ckpt['state_dict']['backbone.patch_proj.0.weight'])
+
+
+def test_converter_needs_trust_for_foreign_globals(manifests, fill,
+                                                   tmp_path):
+    sd = fill.fill_official(
+        manifests['classification/mini']['state_dict_shapes'])
+    src = tmp_path / 'cls_with_config.pth'
+    torch.save({'model': sd, 'config': _Payload()}, src)
+    dst = tmp_path / 'out.pth'
+    import os
+    # the converter must find this module to run the payload when trusted
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT / 'tests')] + os.environ.get('PYTHONPATH', '').split(
+            os.pathsep)))
+    proc = subprocess.run([sys.executable, str(CONVERTER), str(src),
+                           str(dst)], capture_output=True, text=True,
+                          env=env)
+    assert proc.returncode == 1
+    assert '_record' in proc.stderr and '--trust' in proc.stderr
+    assert not dst.exists()
+    proc = subprocess.run([sys.executable, str(CONVERTER), '--trust',
+                           str(src), str(dst)], capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert torch.load(dst, weights_only=True)['meta']['source_kind'] == \
+        'official-classification'
+
+
+# --------------------------------------------------------------------------
+# dense fine-tuning from a classifier; 224 -> 384 wherever weights load
+# --------------------------------------------------------------------------
+def test_dense_init_from_converted_classifier_keeps_fresh_norms(
+        manifests, fill, tmp_path):
+    """As the official dense code: ``cls_norm`` is not copied into the
+    output norms, also when the file went through the converter (where it is
+    the classifier's ``backbone.norms.3``)."""
+    kw = manifests['classification/mini']['official_kwargs']
+    sd = fill.fill_official(
+        manifests['classification/mini']['state_dict_shapes'])
+    src, dst = tmp_path / 'cls.pth', tmp_path / 'cls_mmdat.pth'
+    torch.save({'model': sd}, src)
+    proc = subprocess.run([sys.executable, str(CONVERTER), str(src),
+                           str(dst)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert 'backbone.norms.3.norm.weight' in torch.load(
+        dst, weights_only=True)['state_dict']  # the classifier needs it
+    model = DAT(arch=kw, init_cfg=dict(type='Pretrained', checkpoint=str(dst),
+                                       prefix='backbone.'))
+    model.init_weights()
+    own = model.state_dict()
+    for i in range(4):
+        assert torch.equal(own[f'norms.{i}.norm.weight'],
+                           torch.ones_like(own[f'norms.{i}.norm.weight']))
+        assert torch.equal(own[f'norms.{i}.norm.bias'],
+                           torch.zeros_like(own[f'norms.{i}.norm.bias']))
+    assert torch.equal(own['stages.3.attns.0.rpe_table'],
+                       sd['stages.3.attns.0.rpe_table'])
+
+
+def test_rpe_tables_resized_by_load_checkpoint(tmp_path):
+    """224 weights into an img_size=384 model through mmengine's
+    ``load_checkpoint`` (what ``load_from=`` does), with a log line."""
+    from mmengine.logging import MMLogger
+    small = DAT(arch=TINY_ARCH, img_size=224)
+    wrapper = torch.nn.Module()
+    wrapper.backbone = small
+    path = tmp_path / 'w224.pth'
+    torch.save({'state_dict': wrapper.state_dict()}, path)
+
+    big = torch.nn.Module()
+    big.backbone = DAT(arch=TINY_ARCH, img_size=384)
+    logger = MMLogger.get_instance('mmdat_rpe_test', log_file=str(
+        tmp_path / 'log.txt'))
+    logger.propagate = False
+    assert MMLogger.get_current_instance() is logger
+    load_checkpoint(big, str(path), map_location='cpu', strict=True)
+    key = 'stages.0.attns.1.rpe_table'
+    got = big.backbone.state_dict()[key]
+    assert got.shape == (1, 191, 191)
+    src = small.state_dict()[key]
+    assert torch.equal(got[:, 0, 0], src[:, 0, 0])  # corners kept
+    assert torch.equal(got[:, -1, -1], src[:, -1, -1])
+    with open(tmp_path / 'log.txt') as f:
+        log = f.read()
+    assert f'resized backbone.{key} from (1, 111, 111) to (1, 191, 191)' in log
+
+    # plain load_state_dict too
+    direct = DAT(arch=TINY_ARCH, img_size=384)
+    direct.load_state_dict(small.state_dict(), strict=True)
+    assert torch.equal(direct.state_dict()[key], got)
+
+
+def test_from_scratch_init_is_pytorch_default():
+    torch.manual_seed(0)
+    model = DAT(arch=TINY_ARCH)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.init_weights()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -1,13 +1,34 @@
 """Swin-style (shifted) window attention: DAT v1 block letters ``L`` and ``S``.
 
 Keys as in the official DAT v1 code: ``proj_qkv``, ``proj_out``,
-``relative_position_bias_table`` ((2w-1)^2, h) and the buffer
-``relative_position_index``. Maps whose size is not a multiple of the window
-are zero-padded on the bottom/right and cropped back, as mmdet's Swin does.
+``relative_position_bias_table`` ((2w-1)^2, h). The official constant buffers
+(``relative_position_index``, and ``attn_mask`` of the classification code)
+are recomputed here: our ``relative_position_index`` is not saved, and both
+are dropped from a state dict on loading, so raw official files (which hold
+them) and converted ones (which do not) both load with ``strict=True``.
+
+Maps whose size is not a multiple of the window are zero-padded on the
+bottom/right and cropped back, and the shift mask is built per input after
+padding, as the official detection code does (at 224x224 this equals the
+classification code's fixed mask).
 """
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# The official S block fills its cross-region mask with -100, not -inf: a
+# finite logit keeps a little weight after softmax, which the weights saw.
+SHIFT_MASK_VALUE = -100.0
+# Constant buffers of the official code that mmdat recomputes.
+_OFFICIAL_CONSTANTS = ('relative_position_index', 'attn_mask')
+
+
+def official_shift(window_size: int) -> int:
+    """Shift of the official ``S`` block: ``ceil(w / 2)`` (4 for a 7-window,
+    where Swin uses ``w // 2`` = 3)."""
+    return math.ceil(window_size / 2)
 
 
 class WindowAttention(nn.Module):
@@ -15,13 +36,16 @@ class WindowAttention(nn.Module):
 
     Args:
         dim: channels. num_heads: heads. window_size: ``w``.
-        shift: cyclic shift of the windows (``w // 2`` for letter ``S``,
-            0 for ``L``).
+        shift: cyclic shift of the windows (:func:`official_shift` for
+            letter ``S``, 0 for ``L``); must be in ``[0, w)``.
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int = 7,
                  shift: int = 0):
         super().__init__()
+        if not 0 <= shift < window_size:
+            raise ValueError(f'shift must be in [0, window_size={window_size})'
+                             f', got {shift}')
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -38,9 +62,13 @@ class WindowAttention(nn.Module):
             torch.arange(w), torch.arange(w), indexing='ij')).flatten(1)
         rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + w - 1
         self.register_buffer('relative_position_index',
-                             rel[..., 0] * (2 * w - 1) + rel[..., 1])
+                             rel[..., 0] * (2 * w - 1) + rel[..., 1],
+                             persistent=False)
+        self.register_load_state_dict_pre_hook(_drop_official_constants)
 
     def _shift_mask(self, Hp: int, Wp: int, device) -> torch.Tensor:
+        """(windows, w*w, w*w) additive mask of the shifted windows:
+        ``SHIFT_MASK_VALUE`` between tokens of different regions."""
         w, s = self.window_size, self.shift
         img = torch.zeros(Hp, Wp, device=device)
         cnt = 0
@@ -52,7 +80,7 @@ class WindowAttention(nn.Module):
         win = win.reshape(-1, w * w)
         mask = win[:, None, :] != win[:, :, None]
         return torch.zeros(mask.shape, device=device).masked_fill(
-            mask, float('-inf'))
+            mask, SHIFT_MASK_VALUE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -86,3 +114,20 @@ class WindowAttention(nn.Module):
         if s:
             out = torch.roll(out, (s, s), dims=(1, 2))
         return out[:, :H, :W].permute(0, 3, 1, 2)
+
+
+def _drop_official_constants(module, state_dict, prefix, *args) -> None:
+    """``load_state_dict`` pre-hook: remove the official constant buffers
+    (recomputed here), after checking that an official
+    ``relative_position_index`` is the one this window size gives."""
+    index = state_dict.pop(prefix + 'relative_position_index', None)
+    if index is not None and not (
+            index.shape == module.relative_position_index.shape and
+            torch.equal(index.to(module.relative_position_index),
+                        module.relative_position_index)):
+        raise ValueError(
+            f'{prefix}relative_position_index of the checkpoint '
+            f'{tuple(index.shape)} is not the one of a '
+            f'{module.window_size}x{module.window_size} window: another '
+            'window size?')
+    state_dict.pop(prefix + 'attn_mask', None)

@@ -12,12 +12,12 @@ import torch.nn as nn
 import torch.utils.checkpoint as cp
 from mmengine.logging import MMLogger
 from mmengine.model import BaseModule
-from mmengine.model.weight_init import trunc_normal_
 
 from ..attentions import (DeformableAttention, LayerNorm2d,
                           NeighborhoodAttention, WindowAttention)
 from ..attentions.common import (add_into_branch, check_impl, conv_add,
                                  cpu_inference_fusable, has_hooks)
+from ..attentions.window import official_shift
 
 NUM_STAGES = 4
 BLOCK_LETTERS = ('N', 'D', 'L', 'S')
@@ -102,9 +102,8 @@ def resolve_arch(arch: Union[str, dict]) -> dict:
         cfg[key] = list(val)
     for i in range(NUM_STAGES):
         dim, depth = cfg['dims'][i], cfg['depths'][i]
-        heads, groups = cfg['heads'][i], cfg['groups'][i]
-        for key, val in (('dims', dim), ('depths', depth), ('heads', heads),
-                         ('groups', groups)):
+        heads = cfg['heads'][i]
+        for key, val in (('dims', dim), ('depths', depth), ('heads', heads)):
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ValueError(f'arch[{key!r}][{i}] must be a positive int, '
                                  f'got {val!r}')
@@ -123,17 +122,25 @@ def resolve_arch(arch: Union[str, dict]) -> dict:
         if dim % heads:
             raise ValueError(f'arch dims[{i}]={dim} is not divisible by '
                              f'heads[{i}]={heads}')
-        if heads % groups:
+        # Each per-stage size is checked only where a block uses it: the
+        # official v1 settings put -1 in groups/strides of window stages.
+        used = dict(groups='D', strides='D', ksizes='D', nat_ksizes='N',
+                    window_sizes='LS')
+        for key, letters in used.items():
+            val = cfg[key][i]
+            if not any(letter in letters for letter in spec):
+                continue
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ValueError(f'arch[{key!r}][{i}] must be a positive int '
+                                 f'(stage {i} has blocks {sorted(set(spec))})'
+                                 f', got {val!r}')
+        if 'D' in spec and heads % cfg['groups'][i]:
             raise ValueError(f'arch heads[{i}]={heads} is not divisible by '
-                             f'groups[{i}]={groups}')
+                             f'groups[{i}]={cfg["groups"][i]}')
         for key in ('dwc_pes', 'fixed_pes'):
             if cfg[key][i]:
                 raise ValueError(f'arch[{key!r}][{i}]=True is not supported '
                                  '(DAT++ uses False)')
-        for key in ('strides', 'ksizes', 'nat_ksizes', 'window_sizes'):
-            if not isinstance(cfg[key][i], int) or cfg[key][i] < 1:
-                raise ValueError(f'arch[{key!r}][{i}] must be a positive int, '
-                                 f'got {cfg[key][i]!r}')
     if cfg['dim_stem'] is None:
         cfg['dim_stem'] = cfg['dims'][0]
     return cfg
@@ -226,7 +233,8 @@ class DATStage(nn.Module):
             else:
                 w = cfg['window_sizes'][i]
                 attns.append(WindowAttention(
-                    dim, heads, w, shift=w // 2 if letter == 'S' else 0))
+                    dim, heads, w,
+                    shift=official_shift(w) if letter == 'S' else 0))
         self.attns = nn.ModuleList(attns)
         if self.use_lpu:
             self.local_perception_units = nn.ModuleList([
@@ -365,6 +373,7 @@ class DAT(BaseModule):
             for i in range(NUM_STAGES)
         ])
         self._freeze_stages()
+        self.register_load_state_dict_pre_hook(_resize_rpe_tables)
 
     # --------------------------------------------------------------- training
     def _frozen_modules(self) -> List[nn.Module]:
@@ -389,6 +398,13 @@ class DAT(BaseModule):
         return self
 
     def init_weights(self) -> None:
+        """``init_cfg=None``: nothing (PyTorch's default initialisation of
+        each layer, as the official code, whose ``reset_parameters`` loops
+        over parameters instead of modules and so changes nothing);
+        ``dict(type='Pretrained', checkpoint=..., prefix=...)``: official or
+        converted weights through :func:`mmdat.utils.checkpoint.load_dat_pretrained`
+        (local path, URL or any mmengine checkpoint scheme, safe loading);
+        other init configs: mmengine's."""
         if self.init_cfg is not None and self.init_cfg.get(
                 'type') == 'Pretrained':
             from ...utils.checkpoint import load_dat_pretrained
@@ -398,15 +414,6 @@ class DAT(BaseModule):
             return
         if self.init_cfg is not None:
             super().init_weights()
-            return
-        for name, m in self.named_modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     # ---------------------------------------------------------------- forward
     def _check_input(self, x: torch.Tensor) -> None:
@@ -436,3 +443,26 @@ class DAT(BaseModule):
                     break
                 x = self.down_projs[i](x)
         return tuple(outs)
+
+
+def _resize_rpe_tables(module: nn.Module, state_dict: dict, prefix: str,
+                       *args) -> None:
+    """``load_state_dict`` pre-hook: deformable position-bias tables of
+    another pre-training size (224 weights into an ``img_size=384``
+    model) are resized bicubically, whatever loads the weights
+    (``init_cfg``, ``load_from``, ``load_checkpoint``)."""
+    from ...utils.checkpoint import resize_rpe_table
+    logger = None
+    for name, param in module.named_parameters():
+        if not name.endswith('rpe_table'):
+            continue
+        key = prefix + name
+        value = state_dict.get(key)
+        if (not isinstance(value, torch.Tensor) or value.dim() != 3
+                or value.shape == param.shape
+                or value.shape[0] != param.shape[0]):
+            continue  # same size, or a mismatch load_state_dict reports
+        state_dict[key] = resize_rpe_table(value, param.shape[-2:])
+        logger = logger or MMLogger.get_current_instance()
+        logger.info(f'resized {key} from {tuple(value.shape)} to '
+                    f'{tuple(param.shape)} (bicubic)')
