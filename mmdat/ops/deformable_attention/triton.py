@@ -99,15 +99,29 @@ def _precision(dtype: torch.dtype) -> str:
     return 'tf32'
 
 
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _upcast(dtype: torch.dtype) -> bool:
+    return _INTERPRETED and dtype == torch.bfloat16
 
 
 # ----------------------------------------------------------------- kernels
 if triton is not None:
+    # sizes and the strides that scale with them are not specialised on
+    # (one compilation for every input size); the token and channel
+    # strides are (1 or not, multiple of 16 or not: vectorised loads)
     _SIZES = ['h', 'hg', 'M', 'Ns', 'W', 'c', 'n_split', 'per_split',
-              'sqb', 'sqh', 'sqm', 'skb', 'skh', 'skn', 'svb', 'svh', 'svn',
-              'spb', 'spg', 'sth', 'sty', 'sob', 'soh', 'som']
+              'sqb', 'sqh', 'skb', 'skh', 'svb', 'svh', 'spb', 'spg', 'sth',
+              'sob', 'soh']
+
+    @triton.jit
+    def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+        """``a @ b`` with float32 accumulation; ``UPCAST``: in float32 (the
+        interpreter's bfloat16 dot is wrong; bf16 products are exact in
+        float32, so the result is the same as the tensor-core one)."""
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32),
+                          input_precision='ieee')
+        else:
+            return tl.dot(a, b, input_precision=PREC)
 
     @triton.jit
     def _bias_tile(TAB, tab_off, sty, qy, qx, py, px, cy, cx, ymax, xmax):
@@ -134,11 +148,13 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=_SIZES)
     def _da_fwd(Q, K, V, POS, TAB, OUT, LSE,
-                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, spb, spg,
+                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                spb, spg,
                 sth, sty, sob, soh, som,
                 h, hg, M, Ns, W, c,
                 sy, oy, sx, ox, cy, cx, ymax, xmax, qk_scale,
                 HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+                UPCAST: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr):
         LOG2E: tl.constexpr = 1.4426950408889634
@@ -152,7 +168,7 @@ if triton is not None:
         mask_m = offs_m < M
         mask_d = offs_d < c
         q = tl.load(Q + b.to(tl.int64) * sqb + hh * sqh
-                    + offs_m[:, None].to(tl.int64) * sqm + offs_d[None, :],
+                    + offs_m[:, None].to(tl.int64) * sqm + offs_d[None, :] * sqd,
                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         row = offs_m // W
         qy = row.to(tl.float32) * sy - oy
@@ -168,8 +184,8 @@ if triton is not None:
             mask_n = offs_n < Ns
             kv_mask = mask_n[:, None] & mask_d[None, :]
             k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skn
-                        + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+                        + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+            s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
             if HAS_BIAS:
                 py = tl.load(p_base + offs_n * 2, mask=mask_n, other=0.0)
                 px = tl.load(p_base + offs_n * 2 + 1, mask=mask_n, other=0.0)
@@ -182,9 +198,9 @@ if triton is not None:
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svn
-                        + offs_d[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v,
-                                                input_precision=PREC)
+                        + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC,
+                                              UPCAST)
             m_i = m_new
         acc = acc / l_i[:, None]
         tl.store(OUT + b.to(tl.int64) * sob + hh * soh
@@ -196,11 +212,13 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=_SIZES)
     def _da_bwd_dq(Q, K, V, POS, TAB, DO, LSE, DELTA, DQ,
-                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, spb, spg,
+                   sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                spb, spg,
                    sth, sty, sob, soh, som,
                    h, hg, M, Ns, W, c,
                    sy, oy, sx, ox, cy, cx, ymax, xmax, qk_scale, scale,
                    HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+                UPCAST: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr):
         """dq of one query tile; ``DO``/``DQ`` share the strides ``so*``
@@ -217,7 +235,7 @@ if triton is not None:
         mask_d = offs_d < c
         qd_mask = mask_m[:, None] & mask_d[None, :]
         q = tl.load(Q + b.to(tl.int64) * sqb + hh * sqh
-                    + offs_m[:, None].to(tl.int64) * sqm + offs_d[None, :],
+                    + offs_m[:, None].to(tl.int64) * sqm + offs_d[None, :] * sqd,
                     mask=qd_mask, other=0.0)
         o_off = (b.to(tl.int64) * sob + hh * soh
                  + offs_m[:, None].to(tl.int64) * som + offs_d[None, :])
@@ -238,10 +256,10 @@ if triton is not None:
             mask_n = offs_n < Ns
             kv_mask = mask_n[:, None] & mask_d[None, :]
             k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skn
-                        + offs_d[None, :], mask=kv_mask, other=0.0)
+                        + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
             v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svn
-                        + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+                        + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+            s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
             if HAS_BIAS:
                 py = tl.load(p_base + offs_n * 2, mask=mask_n, other=0.0)
                 px = tl.load(p_base + offs_n * 2 + 1, mask=mask_n, other=0.0)
@@ -250,19 +268,21 @@ if triton is not None:
                 s += bias * LOG2E
             p = tl.exp2(s - lse[:, None])
             p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            dp = _dot(do, tl.trans(v), PREC, UPCAST)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+            dq += _dot(ds.to(k.dtype), k, PREC, UPCAST)
         tl.store(DQ + o_off, (dq * scale).to(DQ.dtype.element_ty),
                  mask=qd_mask)
 
     @triton.jit(do_not_specialize=_SIZES)
     def _da_bwd_dkdv(Q, K, V, POS, TAB, DO, LSE, DELTA, DK, DV, DPOS, DTAB,
-                     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, spb, spg,
+                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                spb, spg,
                      sth, sty, sob, soh, som,
                      h, hg, M, Ns, W, c, n_split, per_split,
                      sy, oy, sx, ox, cy, cx, ymax, xmax, qk_scale, scale,
                      HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+                UPCAST: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr):
         """Partial dk, dv, d(pos) of one key tile over one split of the
@@ -282,10 +302,10 @@ if triton is not None:
         mask_d = offs_d < c
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(K + b.to(tl.int64) * skb + hh * skh
-                    + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :],
+                    + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
                     mask=kv_mask, other=0.0)
         v = tl.load(V + b.to(tl.int64) * svb + hh * svh
-                    + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :],
+                    + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
                     mask=kv_mask, other=0.0)
         p_base = POS + b.to(tl.int64) * spb + grp * spg
         py = tl.load(p_base + offs_n * 2, mask=mask_n, other=0.0)
@@ -303,14 +323,14 @@ if triton is not None:
             mask_m = offs_m < m_last
             qd_mask = mask_m[:, None] & mask_d[None, :]
             q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqm
-                        + offs_d[None, :], mask=qd_mask, other=0.0)
+                        + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)
             do = tl.load(o_base + offs_m[:, None].to(tl.int64) * som
                          + offs_d[None, :], mask=qd_mask, other=0.0)
             lse = tl.load(LSE + bh.to(tl.int64) * M + offs_m, mask=mask_m,
                           other=0.0)
             delta = tl.load(DELTA + bh.to(tl.int64) * M + offs_m,
                             mask=mask_m, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
             if HAS_BIAS:
                 row = offs_m // W
                 qy = row.to(tl.float32) * sy - oy
@@ -320,10 +340,10 @@ if triton is not None:
                 s += bias * LOG2E
             valid = mask_m[:, None] & mask_n[None, :]
             p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            dv += _dot(tl.trans(p.to(do.dtype)), do, PREC, UPCAST)
+            dp = _dot(do, tl.trans(v), PREC, UPCAST)
             ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, PREC, UPCAST)
             if HAS_BIAS:
                 dpy += tl.sum(ds * (bot - top), 0)
                 dpx += tl.sum(ds * ((t01 - t00) + ((t11 - t10)
@@ -366,8 +386,12 @@ def _geometry(H, W, Ty, Tx):
             float(max(Ty - 2, 0)), float(max(Tx - 2, 0)))
 
 
-def _strides(t: torch.Tensor) -> Tuple[int, int, int]:
+def _strides(t: torch.Tensor) -> Tuple[int, ...]:
     return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _strides4(t: torch.Tensor) -> Tuple[int, ...]:
+    return t.stride()
 
 
 class _DeformableAttentionTriton(torch.autograd.Function):
@@ -389,11 +413,12 @@ class _DeformableAttentionTriton(torch.autograd.Function):
         grid = (triton.cdiv(M, block_m), B * h)
         _da_fwd[grid](
             q, k, v, pos, tab, out, lse,
-            *_strides(q), *_strides(k), *_strides(v), pos.stride(0),
+            *_strides4(q), *_strides4(k), *_strides4(v), pos.stride(0),
             pos.stride(1), tab.stride(0) if has_bias else 0,
             tab.stride(1) if has_bias else 0, *_strides(out),
             h, h // g, M, Ns, W, c, *geo, scale * 1.4426950408889634,
-            HAS_BIAS=has_bias, PREC=_precision(q.dtype), BLOCK_M=block_m,
+            HAS_BIAS=has_bias, PREC=_precision(q.dtype),
+            UPCAST=_upcast(q.dtype), BLOCK_M=block_m,
             BLOCK_N=block_n, BLOCK_D=block_d,
             num_warps=_num_warps(block_m, block_d))
         LAUNCHES['deformable_forward'] += 1
@@ -419,10 +444,11 @@ class _DeformableAttentionTriton(torch.autograd.Function):
         dq = torch.empty_like(out)
         tab = table if has_bias else pos
         geo = _geometry(H, W, Ty, Tx)
-        common = (*_strides(q), *_strides(k), *_strides(v), pos.stride(0),
+        common = (*_strides4(q), *_strides4(k), *_strides4(v), pos.stride(0),
                   pos.stride(1), tab.stride(0) if has_bias else 0,
                   tab.stride(1) if has_bias else 0, *_strides(out))
         meta = dict(HAS_BIAS=has_bias, PREC=_precision(q.dtype),
+            UPCAST=_upcast(q.dtype),
                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
                     num_warps=_num_warps(max(block_m, block_n), block_d))
         _da_bwd_dq[(triton.cdiv(M, block_m), B * h)](
@@ -499,9 +525,8 @@ def deformable_attention_triton(q: torch.Tensor, k: torch.Tensor,
     if q.dtype not in _DTYPES:
         raise ValueError(f'dtype {q.dtype} unsupported (float32, bfloat16, '
                          'float16)')
-    k = _last_dim_contiguous(k.to(q.dtype))
-    v = _last_dim_contiguous(v.to(q.dtype))
-    q = _last_dim_contiguous(q)
+    k = k.to(q.dtype)
+    v = v.to(q.dtype)
     # positions and table in float32 (a bf16 coordinate near 1 is only known
     # to half a cell of the 111-wide stage-1 table)
     pos = pos.float().contiguous()

@@ -19,7 +19,7 @@ import torch
 
 from ..deformable_attention.triton import (LAUNCHES, _DTYPES, _IMPORT_ERROR,
                                            _INTERPRETED, _MAX_HEAD_DIM,
-                                           _block_d, _last_dim_contiguous,
+                                           _block_d,
                                            triton)
 from ..deformable_attention import triton as _da_triton
 
@@ -48,14 +48,15 @@ def _block_m(block_d: int) -> int:
 
 
 if triton is not None:
-    _SIZES = ['h', 'H', 'W', 'c', 'KS', 'NI', 'NJ',
-              'sqb', 'sqh', 'sqy', 'sqx', 'skb', 'skh', 'sky', 'skx',
-              'svb', 'svh', 'svy', 'svx', 'srh', 'sry',
-              'sob', 'soh', 'soy', 'sox']
+    # sizes and the strides that scale with them are not specialised on
+    _SIZES = ['h', 'H', 'W', 'c', 'KS', 'NI', 'NJ', 'sqb', 'sqh', 'sqy',
+              'skb', 'skh', 'sky', 'svb', 'svh', 'svy', 'srh', 'sry', 'sob',
+              'soh', 'soy']
 
     @triton.jit(do_not_specialize=_SIZES)
     def _na_fwd(Q, K, V, RPB, OUT, LSE,
-                sqb, sqh, sqy, sqx, skb, skh, sky, skx, svb, svh, svy, svx,
+                sqb, sqh, sqy, sqx, sqd, skb, skh, sky, skx, skd,
+                svb, svh, svy, svx, svd,
                 srh, sry, sob, soh, soy, sox,
                 h, H, W, c, KS, qk_scale,
                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -77,7 +78,7 @@ if triton is not None:
         sj = tl.minimum(tl.maximum(j - KS // 2, 0), W - KS)
         q = tl.load(Q + b.to(tl.int64) * sqb + hh * sqh
                     + (i * sqy + j * sqx)[:, None].to(tl.int64)
-                    + offs_d[None, :], mask=md, other=0.0).to(tl.float32)
+                    + offs_d[None, :] * sqd, mask=md, other=0.0).to(tl.float32)
         k_base = K + b.to(tl.int64) * skb + hh * skh
         v_base = V + b.to(tl.int64) * svb + hh * svh
         r_base = RPB + hh * srh
@@ -89,7 +90,7 @@ if triton is not None:
             for bb in range(0, KS):
                 kj = sj + bb
                 kv = (ki * sky + kj * skx)[:, None].to(tl.int64)
-                k = tl.load(k_base + kv + offs_d[None, :], mask=md,
+                k = tl.load(k_base + kv + offs_d[None, :] * skd, mask=md,
                             other=0.0).to(tl.float32)
                 s = tl.sum(q * k, 1) * qk_scale
                 if HAS_BIAS:
@@ -100,7 +101,7 @@ if triton is not None:
                 p = tl.exp2(s - m_new)
                 l_i = l_i * alpha + p
                 vv = (ki * svy + kj * svx)[:, None].to(tl.int64)
-                v = tl.load(v_base + vv + offs_d[None, :], mask=md,
+                v = tl.load(v_base + vv + offs_d[None, :] * svd, mask=md,
                             other=0.0).to(tl.float32)
                 acc = acc * alpha[:, None] + p[:, None] * v
                 m_i = m_new
@@ -113,7 +114,8 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=_SIZES)
     def _na_bwd_dq(Q, K, V, RPB, DO, LSE, DELTA, DQ, DRPB,
-                   sqb, sqh, sqy, sqx, skb, skh, sky, skx, svb, svh, svy, svx,
+                   sqb, sqh, sqy, sqx, sqd, skb, skh, sky, skx, skd,
+                   svb, svh, svy, svx, svd,
                    srh, sry, sob, soh, soy, sox,
                    h, H, W, c, KS, qk_scale, scale,
                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -137,7 +139,7 @@ if triton is not None:
         sj = tl.minimum(tl.maximum(j - KS // 2, 0), W - KS)
         q = tl.load(Q + b.to(tl.int64) * sqb + hh * sqh
                     + (i * sqy + j * sqx)[:, None].to(tl.int64)
-                    + offs_d[None, :], mask=md, other=0.0).to(tl.float32)
+                    + offs_d[None, :] * sqd, mask=md, other=0.0).to(tl.float32)
         o_off = (b.to(tl.int64) * sob + hh * soh
                  + (i * soy + j * sox)[:, None].to(tl.int64) + offs_d[None, :])
         do = tl.load(DO + o_off, mask=md, other=0.0).to(tl.float32)
@@ -153,7 +155,7 @@ if triton is not None:
             for bb in range(0, KS):
                 kj = sj + bb
                 kv = (ki * sky + kj * skx)[:, None].to(tl.int64)
-                k = tl.load(k_base + kv + offs_d[None, :], mask=md,
+                k = tl.load(k_base + kv + offs_d[None, :] * skd, mask=md,
                             other=0.0).to(tl.float32)
                 s = tl.sum(q * k, 1) * qk_scale
                 r_off = hh * srh + (ki - i + KS - 1) * sry + (kj - j + KS - 1)
@@ -161,7 +163,7 @@ if triton is not None:
                     s += tl.load(RPB + r_off).to(tl.float32) * LOG2E
                 p = tl.where(mask_m, tl.exp2(s - lse), 0.0)
                 vv = (ki * svy + kj * svx)[:, None].to(tl.int64)
-                v = tl.load(v_base + vv + offs_d[None, :], mask=md,
+                v = tl.load(v_base + vv + offs_d[None, :] * svd, mask=md,
                             other=0.0).to(tl.float32)
                 ds = p * (tl.sum(do * v, 1) - delta)
                 dq += ds[:, None] * k
@@ -171,8 +173,8 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=_SIZES)
     def _na_bwd_dkdv(Q, K, V, RPB, DO, LSE, DELTA, DK, DV,
-                     sqb, sqh, sqy, sqx, skb, skh, sky, skx, svb, svh, svy,
-                     svx, srh, sry, sob, soh, soy, sox,
+                     sqb, sqh, sqy, sqx, sqd, skb, skh, sky, skx, skd,
+                     svb, svh, svy, svx, svd, srh, sry, sob, soh, soy, sox,
                      h, H, W, c, KS, NI, NJ, qk_scale, scale,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_D: tl.constexpr):
@@ -195,10 +197,10 @@ if triton is not None:
         kj = offs_n - (offs_n // W) * W
         k = tl.load(K + b.to(tl.int64) * skb + hh * skh
                     + (ki * sky + kj * skx)[:, None].to(tl.int64)
-                    + offs_d[None, :], mask=nd, other=0.0).to(tl.float32)
+                    + offs_d[None, :] * skd, mask=nd, other=0.0).to(tl.float32)
         v = tl.load(V + b.to(tl.int64) * svb + hh * svh
                     + (ki * svy + kj * svx)[:, None].to(tl.int64)
-                    + offs_d[None, :], mask=nd, other=0.0).to(tl.float32)
+                    + offs_d[None, :] * svd, mask=nd, other=0.0).to(tl.float32)
         # query i sees key row ki iff s(i) <= ki <= s(i) + KS - 1 with
         # s(i) = clamp(i - KS//2, 0, H - KS), nondecreasing in i
         i_lo = tl.where(ki - KS + 1 <= 0, 0, ki - KS + 1 + KS // 2)
@@ -219,7 +221,7 @@ if triton is not None:
                 j = tl.minimum(j, W - 1)
                 okd = ok[:, None] & mask_d[None, :]
                 q = tl.load(q_base + (i * sqy + j * sqx)[:, None].to(tl.int64)
-                            + offs_d[None, :], mask=okd,
+                            + offs_d[None, :] * sqd, mask=okd,
                             other=0.0).to(tl.float32)
                 o_off = (o_base + (i * soy + j * sox)[:, None].to(tl.int64)
                          + offs_d[None, :])
@@ -261,7 +263,7 @@ class _NeighborhoodAttentionTriton(torch.autograd.Function):
         lse = torch.empty(B * h, H * W, device=q.device, dtype=torch.float32)
         r = rpb if has_bias else q
         _na_fwd[(triton.cdiv(H * W, block_m), B * h)](
-            q, k, v, r, out, lse, *_s4(q), *_s4(k), *_s4(v),
+            q, k, v, r, out, lse, *q.stride(), *k.stride(), *v.stride(),
             r.stride(0) if has_bias else 0, r.stride(1) if has_bias else 0,
             *_s4(out), h, H, W, c, ks, scale * 1.4426950408889634,
             HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_D=block_d,
@@ -287,7 +289,7 @@ class _NeighborhoodAttentionTriton(torch.autograd.Function):
         drpb = torch.zeros(rpb.shape, device=q.device,
                            dtype=torch.float32) if has_bias else None
         r = rpb if has_bias else q
-        common = (*_s4(q), *_s4(k), *_s4(v),
+        common = (*q.stride(), *k.stride(), *v.stride(),
                   r.stride(0) if has_bias else 0,
                   r.stride(1) if has_bias else 0, *_s4(out))
         meta = dict(HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_D=block_d,
@@ -339,9 +341,8 @@ def neighborhood_attention_triton(q: torch.Tensor, k: torch.Tensor,
     if q.dtype not in _DTYPES:
         raise ValueError(f'dtype {q.dtype} unsupported (float32, bfloat16, '
                          'float16)')
-    q = _last_dim_contiguous(q)
-    k = _last_dim_contiguous(k.to(q.dtype))
-    v = _last_dim_contiguous(v.to(q.dtype))
+    k = k.to(q.dtype)
+    v = v.to(q.dtype)
     if rpb is not None:
         rpb = rpb.float().contiguous()
     return _NeighborhoodAttentionTriton.apply(q, k, v, rpb, ks, float(scale))
