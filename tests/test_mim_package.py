@@ -12,7 +12,10 @@
 openmim 0.3.9 looks for ``<distribution location>/mmdat/.mim`` with
 ``pkg_resources``; a PEP 660 editable install (pip >= 21.3 with setuptools
 >= 64, as here) keeps its metadata in site-packages and its code in the
-repository, so ``mim search mmdat`` only works for regular installs.
+repository, so ``tools/setup_env.sh`` links the package into site-packages
+(``site-packages/mmdat -> <repo>/mmdat``): ``mim search mmdat`` then works
+after the README's install, and ``import mmdat`` still runs the
+repository's files.
 """
 import glob
 import os
@@ -118,3 +121,52 @@ def test_mim_search_lists_the_configs(wheel, tmp_path):
     assert sorted(re.findall(r'^config id: (\S+)$', out,
                              re.M)) == _expected_names(), out[-3000:]
     assert 'configs/mmdet/cascade_mask_rcnn_dat_pp_b_3x.py' in out
+
+
+def _mim_configs(out):
+    return sorted(re.findall(r'^config id: (\S+)$', out, re.M))
+
+
+def test_mim_search_with_a_linked_package(tmp_path):
+    """The set-up's fix on a temporary site dir: the editable install's
+    dist-info plus a link to the repository's package."""
+    from importlib import metadata
+    mim = Path(sys.executable).parent / 'mim'
+    if not mim.exists():
+        pytest.skip('openmim is not installed')
+    if not MIM.is_dir():
+        pytest.skip('mmdat/.mim is missing (no editable install)')
+    try:
+        dist = metadata.distribution('mmdat')
+    except metadata.PackageNotFoundError:
+        pytest.skip('mmdat is not pip-installed in this environment')
+    info = Path(dist._path)  # the .dist-info folder
+    site = tmp_path / 'site'
+    site.mkdir()
+    shutil.copytree(info, site / info.name)
+    (site / 'mmdat').symlink_to(ROOT / 'mmdat')
+    out = _run([mim, 'search', 'mmdat'], cwd=tmp_path,
+               env=dict(PYTHONPATH=str(site)))
+    assert _mim_configs(out) == _expected_names(), out[-3000:]
+
+
+def test_mim_search_after_the_readme_install(tmp_path):
+    """``mim search mmdat`` in this environment, as set up by the README
+    (tools/setup_env.sh)."""
+    from importlib import metadata
+    mim = Path(sys.executable).parent / 'mim'
+    if not mim.exists():
+        pytest.skip('openmim is not installed')
+    try:
+        metadata.distribution('mmdat')
+    except metadata.PackageNotFoundError:
+        pytest.skip('mmdat is not pip-installed in this environment')
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    proc = subprocess.run([str(mim), 'search', 'mmdat'], cwd=tmp_path,
+                          env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode == 0 and 'Traceback' not in proc.stdout, (
+        'mim search mmdat fails after the editable install; '
+        'tools/setup_env.sh must link the package into site-packages:\n' +
+        proc.stdout[-3000:])
+    assert _mim_configs(proc.stdout) == _expected_names()

@@ -14,9 +14,9 @@ checkpoint every 2 and a log line every iteration,
 B must continue right after its last checkpoint (nothing before it trained
 again, nothing after it skipped), log the same losses as A for every
 iteration, before and after the kill, and end with the same weights. This
-needs ``IterationSeedHook`` (added by ``tools/train.py``): without it the
-losses after the resume differ, since drop path draws from torch's global
-generator, whose state no checkpoint holds.
+needs ``IterationSeedHook`` (``custom_hooks`` of the config, from
+``mmdat.engine``): without it the losses after the resume differ, since drop
+path draws from torch's global generator, whose state no checkpoint holds.
 """
 import glob
 import json
@@ -82,6 +82,9 @@ def _config(data_root: Path) -> str:
             checkpoint=dict(interval={INTERVAL}, by_epoch=False))
         log_processor = dict(by_epoch=False, window_size=1)
         randomness = dict(seed=0, deterministic=True)
+        custom_imports = dict(
+            imports=['mmdat', 'mmdat.engine'], allow_failed_imports=False)
+        custom_hooks = [dict(type='IterationSeedHook')]
         ''')
 
 
@@ -141,8 +144,10 @@ def setup(tmp_path_factory):
     slow.write_text(textwrap.dedent(f'''\
         _base_ = ['./cfg.py']
         custom_imports = dict(
-            imports=['mmdat', 'slow_after_hook'], allow_failed_imports=False)
+            imports=['mmdat', 'mmdat.engine', 'slow_after_hook'],
+            allow_failed_imports=False)
         custom_hooks = [
+            dict(type='IterationSeedHook'),
             dict(type='SlowAfterHook', after={KILL_AFTER}, seconds=1.0)]
         '''))
     return tmp, config, slow
@@ -212,27 +217,12 @@ def test_sigkill_and_resume_matches_uninterrupted(setup):
                                    atol=1e-6, msg=key)
 
 
-def test_add_iteration_seed_hook_once():
-    from mmengine.config import Config
-
-    from mmdat.apis import add_iteration_seed_hook
-    cfg = Config(dict(custom_hooks=[dict(type='EMAHook')]))
-    add_iteration_seed_hook(cfg)
-    add_iteration_seed_hook(cfg)
-    assert [h['type'] for h in cfg.custom_hooks] == ['EMAHook',
-                                                      'IterationSeedHook']
-    cfg = Config(dict(custom_hooks=[dict(type='mmdat.IterationSeedHook')]))
-    assert len(add_iteration_seed_hook(cfg).custom_hooks) == 1
-    assert add_iteration_seed_hook(Config()).custom_hooks == [
-        dict(type='IterationSeedHook')]
-
-
 def test_reseed_depends_on_seed_and_keys_only():
     import random
 
     import numpy as np
 
-    from mmdat.apis import reseed
+    from mmdat.engine import reseed
 
     def draw(*args):
         reseed(*args)

@@ -112,14 +112,14 @@ def test_load_config_errors(tmp_path):
         R.load_config(str(path), dict(default_scope='mmaction'))
 
 
-def test_custom_imports_get_mmdat():
+def test_custom_imports_get_mmdat_and_the_engine():
     cfg = Config(dict(a=1))
-    R._ensure_custom_import(cfg)
-    assert cfg.custom_imports.imports == ['mmdat']
-    cfg = Config(dict(custom_imports=dict(imports=['foo'])))
-    R._ensure_custom_import(cfg)
-    R._ensure_custom_import(cfg)
-    assert cfg.custom_imports.imports == ['foo', 'mmdat']
+    R._ensure_custom_imports(cfg)
+    assert cfg.custom_imports.imports == ['mmdat', 'mmdat.engine']
+    cfg = Config(dict(custom_imports=dict(imports=['foo', 'mmdat'])))
+    R._ensure_custom_imports(cfg)
+    R._ensure_custom_imports(cfg)
+    assert cfg.custom_imports.imports == ['foo', 'mmdat', 'mmdat.engine']
 
 
 def test_setup_work_dir_priority():
@@ -154,31 +154,27 @@ def test_apply_resume(tmp_path):
 
 
 def test_apply_amp():
-    cfg = Config(dict(optim_wrapper=dict(type='OptimWrapper',
-                                         optimizer=dict(type='SGD'))))
-    R.apply_amp(cfg)
-    if torch.cuda.is_available():
-        assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
-        assert cfg.optim_wrapper.loss_scale == 'dynamic'
-    else:
+    def make(kind='OptimWrapper', **kw):
+        return Config(dict(optim_wrapper=dict(
+            type=kind, optimizer=dict(type='SGD'), **kw)))
+
+    cpu = not torch.cuda.is_available()
+    cfg = R.apply_amp(make(), requested=True)
+    if cpu:
         assert cfg.optim_wrapper.type == 'CPUAmpOptimWrapper'
         assert cfg.optim_wrapper.dtype == 'bfloat16'
-    with pytest.raises(ValueError):
-        R.apply_amp(Config(dict(optim_wrapper=dict(type='Foo'))))
-
-
-def test_cpu_amp_optim_wrapper_autocasts():
-    from mmengine.optim import build_optim_wrapper
-    model = torch.nn.Linear(4, 2)
-    wrapper = build_optim_wrapper(
-        model,
-        dict(type='CPUAmpOptimWrapper', optimizer=dict(type='SGD', lr=0.1)))
-    with wrapper.optim_context(model):
-        out = model(torch.randn(3, 4))
-    assert out.dtype == torch.bfloat16
-    before = model.weight.detach().clone()
-    wrapper.update_params(out.float().pow(2).mean())
-    assert not torch.equal(before, model.weight)
+        assert 'loss_scale' not in cfg.optim_wrapper
+    else:
+        assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
+        assert cfg.optim_wrapper.loss_scale == 'dynamic'
+    # without --amp: plain configs stay, AMP configs fall back on CPU
+    assert R.apply_amp(make()).optim_wrapper.type == 'OptimWrapper'
+    cfg = R.apply_amp(make('AmpOptimWrapper', loss_scale=512.))
+    assert cfg.optim_wrapper.type == ('CPUAmpOptimWrapper' if cpu else
+                                      'AmpOptimWrapper')
+    assert cfg.optim_wrapper.optimizer.type == 'SGD'
+    with pytest.raises(ValueError, match='Foo'):
+        R.apply_amp(Config(dict(optim_wrapper=dict(type='Foo'))), True)
 
 
 def test_auto_scale_lr():
@@ -208,23 +204,35 @@ def test_prepare_dist_switches_to_gloo():
     assert cfg.model_wrapper_cfg.type == 'CPUDistributedDataParallel'
 
 
-def test_enable_visualization():
+def test_enable_visualization(tmp_path, monkeypatch):
+    """--show-dir: the images of all three libraries go to the directory
+    given (made absolute, so that no hook puts it below work_dir)."""
+    monkeypatch.chdir(tmp_path)
+    show = str(tmp_path / 'show')
     base = dict(
         default_hooks=dict(visualization=dict(type='VisHook')),
-        visualizer=dict(type='Vis', vis_backends=[dict(type='Local')]))
+        visualizer=dict(type='Vis', vis_backends=[dict(type='LocalVisBackend'),
+                                                  dict(type='Other')]))
     det = Config(dict(default_scope='mmdet', **base))
-    R.enable_visualization(det, show_dir='/tmp/show')
+    R.enable_visualization(det, show_dir='show')
     assert det.default_hooks.visualization.draw is True
-    assert det.default_hooks.visualization.test_out_dir == '/tmp/show'
+    assert det.default_hooks.visualization.test_out_dir == show
     seg = Config(dict(default_scope='mmseg', **base))
-    R.enable_visualization(seg, show_dir='/tmp/show')
+    R.enable_visualization(seg, show_dir='show', interval=3)
     assert seg.default_hooks.visualization.draw is True
-    assert seg.default_hooks.visualization.interval == 1
-    assert seg.visualizer.save_dir == '/tmp/show'
+    assert seg.default_hooks.visualization.interval == 3
+    backends = seg.visualizer.vis_backends
+    assert backends[0] == dict(type='LocalVisBackend', img_save_dir=show)
+    assert backends[1] == dict(type='Other')
+    seg = Config(dict(default_scope='mmseg', default_hooks=base[
+        'default_hooks'], visualizer=dict(type='Vis')))
+    R.enable_visualization(seg, show_dir='show')
+    assert seg.visualizer.vis_backends == [
+        dict(type='LocalVisBackend', img_save_dir=show)]
     cls = Config(dict(default_scope='mmpretrain', **base))
-    R.enable_visualization(cls, show_dir='/tmp/show')
+    R.enable_visualization(cls, show_dir='show')
     assert cls.default_hooks.visualization.enable is True
-    assert cls.default_hooks.visualization.out_dir == '/tmp/show'
+    assert cls.default_hooks.visualization.out_dir == show
     with pytest.raises(RuntimeError, match='VisualizationHook'):
         R.enable_visualization(
             Config(dict(default_scope='mmdet', default_hooks=dict())), 'x')
@@ -243,7 +251,7 @@ from mmengine.evaluator import BaseMetric
 from mmengine.model import BaseModel
 from mmengine.runner import Runner
 if sys.argv[2] == 'patched':
-    import mmdat.apis  # noqa: F401  installs the checkpoint loader
+    import mmdat.engine  # noqa: F401  installs the checkpoint loader
 
 
 class Toy(BaseModel):
@@ -309,6 +317,10 @@ def test_runner_checkpoint_resume_toy(tmp_path):
     assert (work / 'epoch_2.pth').is_file()
     # loaded through the safe path: no weights_only=False fallback needed
     assert 'weights_only=False' not in out
+    # `import mmdat` alone leaves mmengine's loader as it is
+    script.write_text(TOY_RUNNER.replace('import mmdat.engine', 'import mmdat'))
+    out = _run([PY, script, work, 'patched', 3, 'resume'])
+    assert out.returncode != 0 and 'Weights only load failed' in out.stdout
 
 
 class _Gadget:
@@ -324,27 +336,38 @@ class _Custom:
 
 
 def test_checkpoint_loader_is_narrow(tmp_path):
+    """mmdat.engine's local loader: weights_only=True with the allowlist;
+    weights_only=False only inside a trusted work_dir; anything else needing
+    more gets an error naming the global and the opt-in."""
     from mmengine.runner.checkpoint import CheckpointLoader, _load_checkpoint
-    R.install_checkpoint_loader()
+
+    import mmdat.engine as engine
+    from mmdat.utils.checkpoint import UntrustedCheckpointError
+    engine.install_checkpoint_loader()
     assert CheckpointLoader._get_checkpoint_loader('a/b.pth') \
-        is R._load_from_local
+        is engine.checkpoint.load_from_local
     # plain state dicts load as before
     plain = tmp_path / 'plain.pth'
     torch.save(dict(state_dict=dict(w=torch.ones(2))), plain)
     assert _load_checkpoint(str(plain))['state_dict']['w'].sum() == 2
-    # getattr is only allowed for HistoryBuffer's statistics methods
+    # getattr is not a free pass (only HistoryBuffer's statistics methods)
     evil = tmp_path / 'evil' / 'evil.pth'
     evil.parent.mkdir()
     torch.save(dict(x=_Gadget()), evil)
-    with pytest.raises(pickle.UnpicklingError, match='trusted'):
+    with pytest.raises(pickle.UnpicklingError):
         _load_checkpoint(str(evil))
-    # other globals: refused unless the file is in a trusted location
-    custom = tmp_path / 'trusted' / 'custom.pth'
+    # other globals: refused, with the global and the opt-in named ...
+    custom = tmp_path / 'work' / 'custom.pth'
     custom.parent.mkdir()
     torch.save(dict(x=_Custom()), custom)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(UntrustedCheckpointError) as err:
         _load_checkpoint(str(custom))
-    R.trust_checkpoint_path(str(custom.parent))
+    assert '_Custom' in str(err.value) and str(custom) in str(err.value)
+    assert 'MMDAT_TRUSTED_CHECKPOINTS' in str(err.value)
+    # ... unless the file is inside the run's work_dir
+    assert not engine.is_trusted(str(custom))
+    engine.trust_work_dir(str(custom.parent))
+    assert engine.is_trusted(str(custom))
     assert isinstance(_load_checkpoint(str(custom))['x'], _Custom)
     with pytest.raises(pickle.UnpicklingError):
         _load_checkpoint(str(evil))  # still untrusted
@@ -371,8 +394,13 @@ cfg = Config(dict(
     env_cfg=dict(dist_cfg=dict(backend='nccl')),
     launcher='pytorch'))
 runner = build_runner(cfg)
-print('BACKEND', torch.distributed.get_backend(), 'WORLD',
-      torch.distributed.get_world_size(), type(runner.model).__name__)
+# one file per rank: the processes share stdout, where lines interleave
+import json, os
+rank = torch.distributed.get_rank()
+with open(os.path.join(sys.argv[1], f'rank{rank}.json'), 'w') as f:
+    json.dump(dict(backend=torch.distributed.get_backend(),
+                   world=torch.distributed.get_world_size(),
+                   wrapper=type(runner.model).__name__), f)
 runner.train()
 '''
 
@@ -391,9 +419,17 @@ def test_build_runner_distributed_on_cpu(tmp_path):
             f'--master_port={port}', script, tmp_path / 'work', 'patched', 1
         ],
              OMP_NUM_THREADS='1'))
-    assert out.count('BACKEND gloo WORLD 2 CPUDistributedDataParallel') == 2
-    assert 'GPU number: 2' in out
-    assert (tmp_path / 'work' / 'epoch_1.pth').is_file()
+    work = tmp_path / 'work'
+    for rank in (0, 1):
+        with open(work / f'rank{rank}.json') as f:
+            assert json.load(f) == dict(
+                backend='gloo', world=2,
+                wrapper='CPUDistributedDataParallel'), (rank, out[-3000:])
+    # the log file (stdout mixes both processes' lines)
+    logs = glob.glob(str(work / '*' / '*.log'))
+    assert any('GPU number: 2' in Path(p).read_text() for p in logs), \
+        (logs, out[-3000:])
+    assert (work / 'epoch_1.pth').is_file()
 
 
 # ---------------------------------------------------------------------------
@@ -425,6 +461,71 @@ def test_shell_scripts_parse(script):
     assert _run(['bash', '-n', path]).returncode == 0
     text = path.read_text()
     assert '--launcher' in text and '${PYTHON:-python}' in text
+
+
+@pytest.mark.parametrize('script,nargs', [
+    ('dist_train.sh', 2), ('dist_test.sh', 3), ('slurm_train.sh', 4),
+    ('slurm_test.sh', 4)
+])
+def test_shell_scripts_print_usage(script, nargs, tmp_path):
+    """Missing arguments: the usage and exit status 2, before torchrun or
+    srun start; -h: the usage and status 0."""
+    path = TOOLS / script
+    for args in ([], ['x'] * (nargs - 1)):
+        out = _run(['bash', path, *args])
+        assert out.returncode == 2, out.stdout
+        assert out.stdout.startswith('Usage:'), out.stdout
+        assert 'CONFIG' in out.stdout and 'torch' not in out.stdout.split(
+            'Usage:')[0]
+    out = _run(['bash', path, '-h'])
+    assert out.returncode == 0 and out.stdout.startswith('Usage:')
+    # a missing config file is named
+    args = ['part', 'job'] if script.startswith('slurm') else []
+    args += [tmp_path / 'missing_cfg.py'] + ['1'] * (nargs - len(args) - 1)
+    out = _run(['bash', path, *args])
+    assert out.returncode == 2 and 'missing_cfg.py' in out.stdout
+
+
+class _ParserCaught(Exception):
+    pass
+
+
+def _parser_of(module_path, monkeypatch):
+    """The ArgumentParser a tool's ``parse_args`` builds."""
+    import argparse
+
+    from conftest import load_script
+    caught = {}
+
+    def catch(self, *args, **kwargs):
+        caught['parser'] = self
+        raise _ParserCaught
+
+    monkeypatch.setattr(argparse.ArgumentParser, 'parse_args', catch)
+    module = load_script(module_path, 'tool_' + Path(module_path).stem)
+    with pytest.raises(_ParserCaught):
+        module.parse_args([])
+    return caught['parser']
+
+
+TOOLS_WITH_HELP = [
+    'train.py', 'test.py', 'visualization/vis_deform_points.py',
+    'analysis_tools/get_flops.py'
+]
+
+
+@pytest.mark.parametrize('tool', TOOLS_WITH_HELP)
+def test_tools_help(tool, monkeypatch):
+    """-h: a description of several sentences and help for every option."""
+    parser = _parser_of(TOOLS / tool, monkeypatch)
+    assert len(parser.description or '') > 150, parser.description
+    for action in parser._actions:
+        name = '/'.join(action.option_strings) or action.dest
+        assert action.help and len(action.help) > 15, (tool, name)
+        assert action.help.rstrip()[-1] not in ',(', (tool, name)
+    out = _run([PY, TOOLS / tool, '-h'])
+    assert out.returncode == 0 and out.stdout.startswith('usage:'), \
+        out.stdout[-2000:]
 
 
 # ---------------------------------------------------------------------------

@@ -1,7 +1,36 @@
 #!/usr/bin/env bash
-# Usage: tools/dist_test.sh CONFIG CHECKPOINT GPUS [test.py args...]
-# Multi-node: NNODES, NODE_RANK, MASTER_ADDR, PORT. Interpreter: $PYTHON.
-# Without CUDA the GPUS processes run on CPU with the gloo backend.
+# Test with NPROC processes per node through torchrun (tools/test.py --launcher pytorch).
+usage() {
+  cat <<USAGE
+Usage: [PYTHON=.venv/bin/python] $0 CONFIG CHECKPOINT NPROC [test.py options...]
+
+  CONFIG      config file, e.g. configs/mmdet/mask_rcnn_dat_pp_t_1x.py
+  CHECKPOINT  checkpoint of the whole model
+  NPROC       processes per node (one per GPU; without CUDA they run on the
+              CPU with the gloo backend)
+  further options go to tools/test.py (see: python tools/test.py -h)
+
+Environment: PYTHON (interpreter; default: python if it imports torch and
+mmengine, else .venv/bin/python), NNODES (1), NODE_RANK (0),
+MASTER_ADDR (127.0.0.1), PORT (29500).
+USAGE
+}
+case "${1:-}" in -h|--help) usage; exit 0;; esac
+if [ $# -lt 3 ]; then usage >&2; exit 2; fi
+if [ ! -f "$1" ]; then echo "$0: config file not found: $1" >&2; exit 2; fi
+if ! [[ "$3" =~ ^[1-9][0-9]*$ ]]; then
+  echo "$0: NPROC must be a positive integer, got '$3'" >&2; usage >&2; exit 2
+fi
+
+# Interpreter: $PYTHON, else `python` if it has torch and mmengine, else the
+# repository's .venv (made by tools/setup_env.sh).
+if [ -z "${PYTHON:-}" ]; then
+  PYTHON=python
+  VENV_PY="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python"
+  if ! python -c 'import torch, mmengine' >/dev/null 2>&1 && [ -x "$VENV_PY" ]; then
+    PYTHON="$VENV_PY"
+  fi
+fi
 
 CONFIG=$1
 CHECKPOINT=$2
@@ -11,15 +40,15 @@ NODE_RANK=${NODE_RANK:-0}
 PORT=${PORT:-29500}
 MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
 
-PYTHONPATH="$(dirname $0)/..":$PYTHONPATH \
+PYTHONPATH="$(dirname "$0")/..":$PYTHONPATH \
 ${PYTHON:-python} -m torch.distributed.run \
     --nnodes=$NNODES \
     --node_rank=$NODE_RANK \
     --master_addr=$MASTER_ADDR \
     --nproc_per_node=$GPUS \
     --master_port=$PORT \
-    $(dirname "$0")/test.py \
-    $CONFIG \
-    $CHECKPOINT \
+    "$(dirname "$0")/test.py" \
+    "$CONFIG" \
+    "$CHECKPOINT" \
     --launcher pytorch \
     "${@:4}"

@@ -1,5 +1,26 @@
 #!/usr/bin/env bash
-# Usage: [GPUS=8] tools/slurm_test.sh PARTITION JOB_NAME CONFIG CHECKPOINT [test.py args...]
+# Test on a Slurm cluster through srun (tools/test.py --launcher slurm).
+usage() {
+  cat <<USAGE
+Usage: [GPUS=8] $0 PARTITION JOB_NAME CONFIG CHECKPOINT [test.py options...]
+
+  PARTITION   Slurm partition
+  JOB_NAME    Slurm job name
+  CONFIG      config file, e.g. configs/mmdet/mask_rcnn_dat_pp_t_1x.py
+  CHECKPOINT  checkpoint of the whole model
+  further options go to tools/test.py (see: python tools/test.py -h)
+
+Environment: GPUS (total tasks, 8), GPUS_PER_NODE (8), CPUS_PER_TASK (5),
+SRUN_ARGS (extra srun options), PYTHON (interpreter, default: python).
+USAGE
+}
+case "${1:-}" in -h|--help) usage; exit 0;; esac
+if [ $# -lt 4 ]; then usage >&2; exit 2; fi
+if [ ! -f "$3" ]; then echo "$0: config file not found: $3" >&2; exit 2; fi
+if ! command -v srun >/dev/null; then
+  echo "$0: srun not found (this script needs a Slurm cluster; on one machine use tools/dist_test.sh)" >&2
+  exit 2
+fi
 
 set -x
 
@@ -13,7 +34,7 @@ CPUS_PER_TASK=${CPUS_PER_TASK:-5}
 PY_ARGS=("${@:5}")
 SRUN_ARGS=${SRUN_ARGS:-""}
 
-PYTHONPATH="$(dirname $0)/..":$PYTHONPATH \
+PYTHONPATH="$(dirname "$0")/..":$PYTHONPATH \
 srun -p ${PARTITION} \
     --job-name=${JOB_NAME} \
     --gres=gpu:${GPUS_PER_NODE} \
@@ -22,4 +43,4 @@ srun -p ${PARTITION} \
     --cpus-per-task=${CPUS_PER_TASK} \
     --kill-on-bad-exit=1 \
     ${SRUN_ARGS} \
-    ${PYTHON:-python} -u $(dirname "$0")/test.py ${CONFIG} ${CHECKPOINT} --launcher="slurm" "${PY_ARGS[@]}"
+    ${PYTHON:-python} -u "$(dirname "$0")/test.py" "${CONFIG}" "${CHECKPOINT}" --launcher="slurm" "${PY_ARGS[@]}"

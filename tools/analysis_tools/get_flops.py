@@ -356,15 +356,29 @@ def format_result(res: dict) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description='FLOPs (multiply-adds) and params of a DAT model')
+        description='Count the FLOPs (multiply-adds, fvcore convention: one '
+        'MAC = one FLOP) and parameters of a DAT / DAT++ model, from the '
+        'shapes seen in one forward pass on a random input: the classifier '
+        'of a --arch preset, or the backbone of any mmpretrain / mmdet / '
+        'mmseg config. The result is printed per stage and per kind of '
+        'operation; see the module docstring for what is counted.',
+        epilog='examples:\n'
+        '  python tools/analysis_tools/get_flops.py --arch small\n'
+        '  python tools/analysis_tools/get_flops.py '
+        'configs/mmdet/mask_rcnn_dat_pp_t_1x.py --shape 800 1216',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('config', nargs='?', help='config file (mmpretrain, '
                    'mmdet or mmseg); default: the classifier of --arch')
     p.add_argument('--arch', choices=['tiny', 'small', 'base'],
-                   help='DAT++ preset: its ImageNet-1k classifier config')
+                   help='DAT++ preset: count its ImageNet-1k classifier '
+                   '(default tiny when no config is given)')
     p.add_argument('--shape', type=int, nargs='+', default=[224, 224],
-                   help='input H W (one value: square)')
-    p.add_argument('--batch', type=int, default=1)
-    p.add_argument('--json', help='write the result to this JSON file')
+                   metavar='SIZE',
+                   help='input height and width (one value: a square '
+                   'input; default 224 224)')
+    p.add_argument('--batch', type=int, default=1,
+                   help='batch size of the input (default 1)')
+    p.add_argument('--json', help='also write the result to this JSON file')
     args = p.parse_args(argv)
     if args.config is None and args.arch is None:
         args.arch = 'tiny'

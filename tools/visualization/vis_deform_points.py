@@ -59,12 +59,25 @@ BLOCK_RE = re.compile(r'^stages\.(\d+)\.attns\.(\d+)$')
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description='Draw the sampled key positions of the deformable '
-        'attention blocks of a DAT++ backbone over an image (one PNG per '
-        'block).')
+        description='Draw where the deformable attention blocks of a DAT++ '
+        'backbone look: for every deformable block, the sampled key '
+        'positions of each offset group (dots, one colour per group) and '
+        'the reference grid (faint crosses) over the input image, one PNG '
+        'per block in --out, named after the block. The model is built '
+        'from the config (mmdet, mmseg or mmpretrain); only its backbone '
+        'runs.',
+        epilog='example:\n'
+        '  python tools/visualization/vis_deform_points.py '
+        'configs/mmdet/mask_rcnn_dat_pp_t_1x.py demo.jpg \\\n'
+        '      --checkpoint checkpoints/mask_rcnn_dat_pp_t_1x.pth '
+        '--out vis_points --blocks 2.5',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('config', help='config file (mmdet/mmseg/mmpretrain)')
-    parser.add_argument('image', help='input image')
-    parser.add_argument('--out', required=True, help='output folder')
+    parser.add_argument('image', help='input image (any format Pillow '
+                        'reads)')
+    parser.add_argument('--out', required=True,
+                        help='output folder for the PNGs (created if '
+                        'missing)')
     parser.add_argument('--checkpoint', default=None,
                         help='checkpoint of the model (OpenMMLab 2) or an '
                         'official DAT++ file; random weights if omitted')
@@ -85,8 +98,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         'positions `pos` (groups, Hk, Wk, 2; y, x), the '
                         'reference grid `ref` (Hk, Wk, 2), `feat_hw` and '
                         '`img_hw`')
-    parser.add_argument('--device', default='cpu', help='torch device')
-    parser.add_argument('--dpi', type=int, default=100)
+    parser.add_argument('--device', default='cpu',
+                        help='torch device to run the backbone on (default '
+                        'cpu; e.g. cuda:0)')
+    parser.add_argument('--dpi', type=int, default=100,
+                        help='resolution of the written PNGs in dots per '
+                        'inch (default 100)')
     return parser.parse_args(argv)
 
 

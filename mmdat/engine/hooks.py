@@ -1,5 +1,9 @@
-"""Hooks that ``tools/train.py`` adds to every run (see
-:func:`mmdat.apis.runner.build_runner`)."""
+"""``IterationSeedHook``: resumed runs draw the same random numbers as
+uninterrupted ones. Switched on per config::
+
+    custom_imports = dict(imports=['mmdat', 'mmdat.engine'])
+    custom_hooks = [dict(type='IterationSeedHook')]
+"""
 import random
 
 import numpy as np
@@ -20,7 +24,7 @@ def reseed(seed: int, *keys: int) -> None:
     torch.manual_seed(first << 32 | second)
 
 
-@HOOKS.register_module(force=True)
+@HOOKS.register_module()
 class IterationSeedHook(Hook):
     """Reseed the global random generators from ``(runner.seed, epoch)``
     before every training epoch and from ``(runner.seed, iteration)`` before
