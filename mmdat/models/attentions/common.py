@@ -1,72 +1,30 @@
 """Small building blocks shared by the attention kinds and the backbone."""
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IMPLS = ('auto', 'reference', 'fast', 'flex')
+from ...ops.dispatch import is_portable
+from ...ops.deformable_attention.lookup import query_grid
 
+# what ``impl=`` accepts: 'auto' or an implementation name of either kind
+# (an op without an implementation of that name runs 'auto'; see check_impl)
+def check_impl(impl: str, op: Optional[str] = None) -> str:
+    """Validate an attention implementation name.
 
-def check_impl(impl: str) -> str:
-    """Validate an attention implementation name."""
-    if impl not in IMPLS:
-        raise ValueError(f'impl must be one of {IMPLS}, got {impl!r}')
-    return impl
-
-
-_FLEX = {}
-
-
-def resolve_impl(impl: str, x: torch.Tensor) -> str:
-    """``'auto'`` -> ``'flex'`` for CUDA inference (fused ``flex_attention``
-    kernels, when this torch has them), else ``'fast'`` (the chunked exact
-    path).
-
-    flex's forward matches the golden outputs on an H100 (torch 2.11), and
-    each attention module's gradients match the reference there, but a
-    whole-backbone gradient check failed once and has not been rerun, so with
-    autograd on (training) ``auto`` keeps the chunked path; ``impl='flex'``
-    forces flex.
-    Nothing CUDA-specific is imported for CPU inputs.
+    With ``op``, the name must be ``'auto'`` or one of that op's
+    implementations (:func:`mmdat.ops.dispatch.names`); without, one of
+    any attention op's. ``'fast'`` (the old name of ``'auto'``) is accepted.
     """
-    if impl == 'auto':
-        use_flex = (x.is_cuda and not torch.is_grad_enabled()
-                    and flex_supported())
-        return 'flex' if use_flex else 'fast'
-    if impl == 'flex' and not x.is_cuda:
-        raise ValueError("impl='flex' needs CUDA inputs; use 'auto' or 'fast'")
+    from ...ops import dispatch
+    ops = [op] if op else ['deformable_attention', 'neighborhood_attention']
+    valid = {dispatch.AUTO, 'fast'}
+    for o in ops:
+        valid.update(dispatch.names(o))
+    if impl not in valid:
+        raise ValueError(f'impl must be one of {sorted(valid)}, got {impl!r}')
     return impl
-
-
-def flex_supported() -> bool:
-    """Whether ``torch.nn.attention.flex_attention`` can be imported."""
-    if 'supported' not in _FLEX:
-        try:
-            import torch.nn.attention.flex_attention  # noqa: F401
-            _FLEX['supported'] = True
-        except ImportError:
-            _FLEX['supported'] = False
-    return _FLEX['supported']
-
-
-def flex_attention(*args, **kwargs):
-    """``torch.compile``d flex attention (compiled once per process)."""
-    if 'fn' not in _FLEX:
-        import torch._dynamo
-        from torch.nn.attention.flex_attention import flex_attention as fa
-        # every block and input size is one more graph; the sizes reach the
-        # score functions as tensors, so recompiles are per shape family
-        cfg = torch._dynamo.config
-        for name in ('recompile_limit', 'cache_size_limit'):
-            if hasattr(cfg, name):
-                setattr(cfg, name, max(getattr(cfg, name), 64))
-        _FLEX['fn'] = torch.compile(fa)
-    return _FLEX['fn'](*args, **kwargs)
-
-
-def create_block_mask(*args, **kwargs):
-    from torch.nn.attention.flex_attention import create_block_mask as cbm
-    # _compile: without it the dense (queries x keys) mask is materialised
-    return cbm(*args, _compile=True, **kwargs)
 
 
 def onednn_fusable(x: torch.Tensor) -> bool:
@@ -79,6 +37,7 @@ def onednn_fusable(x: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled('cpu')
             and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing()
+            and not is_portable()
             and torch.backends.mkldnn.is_available())
 
 
@@ -184,16 +143,8 @@ class LayerNorm2d(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
-def normalized_grid(n: int, dtype: torch.dtype,
-                    device: torch.device) -> torch.Tensor:
-    """Positions ``0..n-1`` mapped to [-1, 1] (the query grid of the spec).
-
-    The official code divides by ``n - 1`` and returns NaN for ``n == 1``;
-    a single position is placed at the centre (0) instead.
-    """
-    if n == 1:
-        return torch.zeros(1, dtype=dtype, device=device)
-    return torch.arange(n, dtype=dtype, device=device) / (n - 1) * 2 - 1
+# positions 0..n-1 mapped to [-1, 1] (the query grid of the spec)
+normalized_grid = query_grid
 
 
 def reference_grid(n: int, dtype: torch.dtype,

@@ -41,6 +41,10 @@ LAUNCHES: collections.Counter = collections.Counter()
 #: sizes); ``None`` picks per head dim and dtype
 BLOCK_OVERRIDE: Optional[Tuple[int, int]] = None
 
+#: table gradient: ``'rows'`` (reduced per query row, then atomics),
+#: ``'atomics'`` (one per bilinear corner) or ``None`` (by geometry)
+TABLE_GRAD: Optional[str] = None
+
 #: programs of the key-tile backward wanted at least (query range split)
 _MIN_PROGRAMS = 512
 
@@ -86,6 +90,18 @@ def _blocks(c: int, dtype: torch.dtype, backward: bool) -> Tuple[int, int]:
 
 def _block_d(c: int) -> int:
     return max(16, triton.next_power_of_2(c))
+
+
+def _reduce_rows(H: int, W: int, Tx: int, block_m: int) -> bool:
+    """Whether the table gradient is reduced per query row first: when a
+    tile's queries touch few table columns per key (feature maps larger
+    than the table's pre-training size, e.g. detection inputs), i.e. the
+    per-row loop is shorter than the atomics it saves."""
+    if TABLE_GRAD is not None:
+        return TABLE_GRAD == 'rows'
+    step = (Tx - 1) / (2 * (W - 1)) if W > 1 else 0.0
+    rows_per_tile = -(-block_m // W) + 1
+    return block_m * step + 2 * rows_per_tile <= 24
 
 
 def _num_warps(block_m: int, block_d: int) -> int:
@@ -274,6 +290,39 @@ if triton is not None:
         tl.store(DQ + o_off, (dq * scale).to(DQ.dtype.element_ty),
                  mask=qd_mask)
 
+    @triton.jit
+    def _table_grad_rows(DTAB, sty, ds, valid, py, mask_n, row, r_first,
+                         r_last, off, fx, sy, oy, cy, ymax, xmax):
+        """Table gradient of a (queries x keys) tile, reduced per query row
+        before the atomics: within one query row the table row of a key is
+        fixed, and the table columns its queries touch are a short run
+        (``x0`` grows by ``(Tx-1) / (2(W-1))`` per query), so each run is
+        summed over the row's queries with the bilinear tent weights
+        ``max(0, 1 - |u - x|)`` and added once per (table column, key)."""
+        x0f = (off % sty).to(tl.float32)  # lower corner column (finite)
+        ux = x0f + fx
+        for r in range(r_first, r_last + 1):
+            in_r = valid & (row == r)[:, None]
+            ds_r = tl.where(in_r, ds, 0.0)
+            uy = (r * sy - oy - py + 2.0) * cy
+            y0f = tl.minimum(tl.maximum(
+                tl.floor(tl.where(uy == uy, uy, 0.0)), 0.0), ymax)
+            fy = uy - y0f
+            base = tl.min(tl.where(in_r, x0f, 1e9), 0)
+            top = tl.max(tl.where(in_r, x0f, -1.0), 0)
+            span = tl.max(tl.where(top >= base, top - base, -2.0),
+                          0).to(tl.int32) + 2
+            base = tl.minimum(base, xmax)
+            row_ptr = DTAB + y0f.to(tl.int32) * sty
+            for t in range(0, span):
+                x = base + t
+                w = tl.maximum(1.0 - tl.abs(ux - x[None, :]), 0.0)
+                col = tl.sum(ds_r * w, 0)
+                ok = mask_n & (x <= xmax + 1.0)
+                xi = x.to(tl.int32)
+                tl.atomic_add(row_ptr + xi, col - col * fy, mask=ok)
+                tl.atomic_add(row_ptr + sty + xi, col * fy, mask=ok)
+
     @triton.jit(do_not_specialize=_SIZES)
     def _da_bwd_dkdv(Q, K, V, POS, TAB, DO, LSE, DELTA, DK, DV, DPOS, DTAB,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
@@ -284,7 +333,8 @@ if triton is not None:
                      HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
                 UPCAST: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
+                     BLOCK_D: tl.constexpr,
+                     REDUCE_ROWS: tl.constexpr):
         """Partial dk, dv, d(pos) of one key tile over one split of the
         query tiles (``(n_split, B*h, Ns, .)`` float32 buffers, summed by
         the caller); the table gradient is added atomically into ``DTAB``
@@ -348,14 +398,21 @@ if triton is not None:
                 dpy += tl.sum(ds * (bot - top), 0)
                 dpx += tl.sum(ds * ((t01 - t00) + ((t11 - t10)
                                                    - (t01 - t00)) * fy), 0)
-                # table gradient: the four corners of every (query, key)
-                g_bot = ds * fy
-                g_top = ds - g_bot
-                tab = DTAB + off  # off includes the head
-                tl.atomic_add(tab, g_top - g_top * fx, mask=valid)
-                tl.atomic_add(tab + 1, g_top * fx, mask=valid)
-                tl.atomic_add(tab + sty, g_bot - g_bot * fx, mask=valid)
-                tl.atomic_add(tab + sty + 1, g_bot * fx, mask=valid)
+                if REDUCE_ROWS:
+                    _table_grad_rows(DTAB + hh * sth, sty, ds, valid, py,
+                                     mask_n, offs_m // W, m0 // W,
+                                     (tl.minimum(m0 + BLOCK_M, m_last) - 1)
+                                     // W, off - hh * sth, fx, sy, oy, cy,
+                                     ymax, xmax)
+                else:
+                    # the four corners of every (query, key)
+                    g_bot = ds * fy
+                    g_top = ds - g_bot
+                    tab = DTAB + off  # off includes the head
+                    tl.atomic_add(tab, g_top - g_top * fx, mask=valid)
+                    tl.atomic_add(tab + 1, g_top * fx, mask=valid)
+                    tl.atomic_add(tab + sty, g_bot - g_bot * fx, mask=valid)
+                    tl.atomic_add(tab + sty + 1, g_bot * fx, mask=valid)
         out = ((split * tl.num_programs(1) + bh).to(tl.int64) * Ns
                + offs_n) * c
         nd = out[:, None] + offs_d[None, :]
@@ -469,7 +526,9 @@ class _DeformableAttentionTriton(torch.autograd.Function):
         _da_bwd_dkdv[(triton.cdiv(Ns, block_n), B * h, n_split)](
             q, k, v, pos, tab, do, lse, delta, dk, dv, dpos, dtab, *common,
             h, h // g, M, Ns, W, c, n_split, per_split,
-            *geo, scale * 1.4426950408889634, scale, **meta)
+            *geo, scale * 1.4426950408889634, scale,
+            REDUCE_ROWS=has_bias and _reduce_rows(H, W, Tx, block_m),
+            **meta)
         LAUNCHES['deformable_backward_dkdv'] += 1
         dk = dk.sum(0).view(B, h, Ns, c).to(k.dtype)
         dv = dv.sum(0).view(B, h, Ns, c).to(v.dtype)

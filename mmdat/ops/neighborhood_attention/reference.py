@@ -1,0 +1,41 @@
+"""Neighborhood attention as the spec writes it: every query's ``k x k``
+window of keys gathered explicitly (natten's ``NeighborhoodAttention2D``
+with dilation 1: windows slide inward at the borders, never padded). Only
+gathers and matmuls, so it is also the portable (ONNX) implementation."""
+from typing import Optional
+
+import torch
+
+from ..dispatch import Context, register
+
+
+def window_starts(n, k: int, device=None) -> torch.Tensor:
+    """First key index of each query's window: ``clamp(i - k//2, 0, n - k)``."""
+    return (torch.arange(n, device=device) - k // 2).clamp(0, n - k)
+
+
+def _can_run(ctx: Context) -> Optional[str]:
+    return None
+
+
+@register('neighborhood_attention', 'reference', can_run=_can_run,
+          portable=True)
+def neighborhood_attention_reference(q, k, v, rpb, *, kernel_size, scale):
+    """Explicit ``k x k`` window gathers, full softmax per query."""
+    B, h, H, W, c = q.shape
+    ks = kernel_size
+    ar = torch.arange(ks, device=q.device)
+    rows = window_starts(H, ks, q.device)[:, None] + ar  # (H, ks)
+    cols = window_starts(W, ks, q.device)[:, None] + ar  # (W, ks)
+    R = rows[:, None, :, None]
+    Cc = cols[None, :, None, :]
+    kn = k[:, :, R, Cc]  # (B, h, H, W, ks, ks, c)
+    vn = v[:, :, R, Cc]
+    logits = torch.einsum('bhijc,bhijxyc->bhijxy', q * scale, kn)
+    rel_r = rows - torch.arange(H, device=q.device)[:, None] + ks - 1
+    rel_c = cols - torch.arange(W, device=q.device)[:, None] + ks - 1
+    bias = rpb[:, rel_r[:, None, :, None], rel_c[None, :, None, :]]
+    logits = logits + bias.to(logits.dtype)
+    attn = logits.reshape(B, h, H, W, ks * ks).softmax(-1)
+    attn = attn.reshape(B, h, H, W, ks, ks)
+    return torch.einsum('bhijxy,bhijxyc->bhijc', attn, vn)
