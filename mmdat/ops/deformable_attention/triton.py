@@ -523,13 +523,16 @@ class _DeformableAttentionTriton(torch.autograd.Function):
         dv = torch.empty(n_split, B * h, Ns, c, **f32)
         dpos = torch.empty(n_split, B * h, Ns, 2, **f32) if has_bias else dk
         dtab = torch.zeros(table.shape, **f32) if has_bias else dk
+        reduce_rows = has_bias and _reduce_rows(H, W, Tx, block_m)
         _da_bwd_dkdv[(triton.cdiv(Ns, block_n), B * h, n_split)](
             q, k, v, pos, tab, do, lse, delta, dk, dv, dpos, dtab, *common,
             h, h // g, M, Ns, W, c, n_split, per_split,
             *geo, scale * 1.4426950408889634, scale,
-            REDUCE_ROWS=has_bias and _reduce_rows(H, W, Tx, block_m),
-            **meta)
+            REDUCE_ROWS=reduce_rows, **meta)
         LAUNCHES['deformable_backward_dkdv'] += 1
+        if has_bias:
+            LAUNCHES['table_grad_rows' if reduce_rows
+                     else 'table_grad_atomics'] += 1
         dk = dk.sum(0).view(B, h, Ns, c).to(k.dtype)
         dv = dv.sum(0).view(B, h, Ns, c).to(v.dtype)
         grad_pos = grad_table = None
