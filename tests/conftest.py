@@ -21,6 +21,31 @@ TINY_ARCH = dict(dim_stem=16, dims=[16, 32, 64, 64], depths=[2, 2, 2, 1],
                  heads=[1, 2, 4, 4], groups=[1, 1, 2, 2])
 
 
+# The implementations the dispatcher can choose for CPU tensors besides the
+# reference; equivalence, golden and degenerate-size tests run on each.
+CPU_IMPLS = ['cpu', 'chunked']
+
+try:  # one derandomized profile: CI runs the same examples every time
+    from hypothesis import settings as _hyp_settings
+    _hyp_settings.register_profile('mmdat', derandomize=True, deadline=None)
+    _hyp_settings.load_profile('mmdat')
+except ImportError:
+    pass
+
+
+def require_impl(name: str) -> None:
+    """Fail (not skip) when implementation ``name`` cannot run on this
+    machine's CPU; skip only when the kernels were switched off on purpose
+    (``MMDAT_NO_EXT=1``)."""
+    if name != 'cpu':
+        return
+    from mmdat.ops import library
+    if os.environ.get('MMDAT_NO_EXT', '') not in ('', '0'):
+        pytest.skip('C++ kernels switched off (MMDAT_NO_EXT)')
+    reason = getattr(library, 'unavailable_reason', lambda: '')()
+    assert library.cpu_ops_available(), f'C++ kernels not built: {reason}'
+
+
 def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: end-to-end runs (minutes)')
     config.addinivalue_line('markers', 'gpu: needs CUDA')

@@ -1,11 +1,12 @@
-"""The fast attention paths are exact against the reference formulation
-(float64: outputs, input gradients and parameter gradients)."""
+"""Every implementation the dispatcher can choose on a CPU is exact against
+the reference formulation (float64: outputs, input gradients and parameter
+gradients)."""
 import copy
 
 import pytest
 import torch
 
-from conftest import TINY_ARCH, rel_err
+from conftest import CPU_IMPLS, TINY_ARCH, rel_err, require_impl
 from mmdat.models import DAT
 from mmdat.models.attentions import DeformableAttention, NeighborhoodAttention
 
@@ -39,41 +40,37 @@ def _compare_param_grads(fast, ref):
         assert float((pf.grad - pr.grad).abs().max()) <= TOL * scale, n
 
 
-@pytest.fixture(params=['fused', 'pytorch'])
-def cpu_ops(request, monkeypatch):
-    """The attention through the compiled CPU kernels, or through the
-    pure-PyTorch paths used where they cannot be built (and on CUDA)."""
-    from mmdat.ops import library as ext
-    if request.param == 'fused':
-        assert ext.cpu_ops_available(), 'fused CPU kernel not built'
-    else:
-        monkeypatch.setattr(ext, 'cpu_ops_available', lambda: False)
+@pytest.fixture(params=CPU_IMPLS)
+def impl(request):
+    """An implementation the dispatcher can choose for CPU tensors; the C++
+    kernels must be built (a failed build fails here, it does not skip)."""
+    require_impl(request.param)
     return request.param
 
 
-def _pair(module):
+def _pair(module, impl):
     ref = copy.deepcopy(module)
     ref.impl = 'reference'
-    module.impl = 'fast'
+    module.impl = impl
     return module.double(), ref.double()
 
 
 @pytest.mark.parametrize('hw', [(16, 24), (7, 7), (9, 30), (30, 8), (13, 17),
                                 (21, 11)])
 @pytest.mark.parametrize('kernel', [3, 7])
-def test_neighborhood_fast_equals_reference(hw, kernel, cpu_ops):
+def test_neighborhood_fast_equals_reference(hw, kernel, impl):
     torch.manual_seed(0)
     m = NeighborhoodAttention(16, 2, kernel)
     with torch.no_grad():
         m.rpb.normal_()
-    fast, ref = _pair(m)
+    fast, ref = _pair(m, impl)
     _compare(fast, ref, torch.randn(2, 16, *hw, dtype=torch.float64))
 
 
 @pytest.mark.parametrize('hw', [(4, 6), (2, 3), (1, 5), (5, 1), (1, 1)])
-def test_neighborhood_smaller_than_kernel(hw, cpu_ops):
+def test_neighborhood_smaller_than_kernel(hw, impl):
     torch.manual_seed(1)
-    fast, ref = _pair(NeighborhoodAttention(8, 2, 7))
+    fast, ref = _pair(NeighborhoodAttention(8, 2, 7), impl)
     _compare(fast, ref, torch.randn(1, 8, *hw, dtype=torch.float64))
 
 
@@ -85,40 +82,40 @@ def test_neighborhood_smaller_than_kernel(hw, cpu_ops):
     dict(num_heads=4, num_groups=4, stride=1, offset_kernel=3, rpe_size=7),
     dict(num_heads=2, num_groups=2, stride=2, offset_kernel=2, rpe_size=1),
 ])
-def test_deformable_fast_equals_reference(hw, setting, cpu_ops):
+def test_deformable_fast_equals_reference(hw, setting, impl):
     torch.manual_seed(0)
     m = DeformableAttention(16, **setting)
     with torch.no_grad():
         m.rpe_table.normal_()
         m.conv_offset[3].weight.mul_(20)  # large offsets: clamped positions
-    fast, ref = _pair(m)
+    fast, ref = _pair(m, impl)
     _compare(fast, ref, torch.randn(2, 16, *hw, dtype=torch.float64))
 
 
-def test_deformable_chunked_path_equals_reference(monkeypatch, cpu_ops):
+def test_deformable_chunked_path_equals_reference(monkeypatch, impl):
     from mmdat.models.attentions import deformable
     monkeypatch.setattr(deformable, '_CHUNK_ELEMENTS', 200)
     torch.manual_seed(0)
     m = DeformableAttention(16, 2, 1, stride=2, offset_kernel=3, rpe_size=14)
-    fast, ref = _pair(m)
+    fast, ref = _pair(m, impl)
     _compare(fast, ref, torch.randn(1, 16, 19, 13, dtype=torch.float64))
 
 
 @pytest.mark.parametrize('orf', [2.0, 0.0])
-def test_deformable_tanh_offsets_and_no_pe(orf):
+def test_deformable_tanh_offsets_and_no_pe(orf, impl):
     torch.manual_seed(0)
     for use_pe in (True, False):
         m = DeformableAttention(16, 2, 2, stride=2, offset_kernel=3,
                                 rpe_size=8, offset_range_factor=orf,
                                 use_pe=use_pe)
-        fast, ref = _pair(m)
+        fast, ref = _pair(m, impl)
         _compare(fast, ref, torch.randn(1, 16, 12, 10, dtype=torch.float64))
 
 
 @pytest.mark.parametrize('hw', [(64, 96), (45, 37)])
-def test_whole_backbone_fast_equals_reference(hw):
+def test_whole_backbone_equals_reference(hw, impl):
     torch.manual_seed(0)
-    fast = DAT(arch=TINY_ARCH, impl='fast').double()
+    fast = DAT(arch=TINY_ARCH, impl=impl).double()
     ref = DAT(arch=TINY_ARCH, impl='reference').double()
     ref.load_state_dict(fast.state_dict())
     x = torch.randn(1, 3, *hw, dtype=torch.float64)
@@ -140,8 +137,7 @@ def test_whole_backbone_fast_equals_reference(hw):
 def test_fused_bias_kernel_equals_pytorch(dtype, Ns):
     """``torch.ops.mmdat.deform_bias`` and its backward against the gathers
     of the pure-PyTorch path and autograd."""
-    from mmdat.models.attentions import deformable, ext
-    assert ext.cpu_ops_available()
+    require_impl('cpu')
     torch.manual_seed(0)
     B, g, hg, r, Ty, Tx, W = 2, 3, 2, 4, 7, 9, 13
     f64 = dict(dtype=torch.float64)
@@ -152,8 +148,7 @@ def test_fused_bias_kernel_equals_pytorch(dtype, Ns):
     fx = torch.rand(B * g, W, Ns, **f64)
     grad = torch.randn(B * g, hg, r, W, Ns, **f64)
     leaves = [t.clone().requires_grad_() for t in (table, fy, fx)]
-    want = deformable._column_lerp(
-        deformable._table_rows(leaves[0], y0, leaves[1]), x0, leaves[2])
+    want = _bias_by_indexing(leaves[0], y0, leaves[1], x0, leaves[2])
     want_grads = torch.autograd.grad(want, leaves, grad)
     args = (table.to(dtype), y0.int(), fy.to(dtype), x0.int(), fx.to(dtype))
     got = torch.ops.mmdat.deform_bias(*args)
@@ -172,9 +167,27 @@ def test_fused_bias_kernel_equals_pytorch(dtype, Ns):
         assert rel_err(a, b) <= tol
 
 
+def _bias_by_indexing(table, y0, fy, x0, fx):
+    """The bias kernel's output ``(B*g, hg, r, W, Ns)`` by plain indexing:
+    ``table`` ``(g, hg, Ty, Tx)``, ``y0/fy`` ``(B*g, r, Ns)``, ``x0/fx``
+    ``(B*g, W, Ns)``."""
+    g, hg = table.shape[:2]
+    Bg, r, Ns = y0.shape
+    W = x0.shape[1]
+    gi = (torch.arange(Bg) % g).view(Bg, 1, 1, 1, 1)
+    hi = torch.arange(hg).view(1, hg, 1, 1, 1)
+    y = y0.long().view(Bg, 1, r, 1, Ns)
+    x = x0.long().view(Bg, 1, 1, W, Ns)
+    wy = fy.view(Bg, 1, r, 1, Ns)
+    wx = fx.view(Bg, 1, 1, W, Ns)
+    top = table[gi, hi, y, x] * (1 - wx) + table[gi, hi, y, x + 1] * wx
+    bot = (table[gi, hi, y + 1, x] * (1 - wx)
+           + table[gi, hi, y + 1, x + 1] * wx)
+    return top * (1 - wy) + bot * wy
+
+
 def test_fused_bias_kernel_rejects_bad_input():
-    from mmdat.ops import library as ext
-    assert ext.cpu_ops_available()
+    require_impl('cpu')
     table = torch.zeros(1, 1, 3, 4)
     y0, fy = torch.zeros(1, 2, 3).int(), torch.zeros(1, 2, 3)
     with pytest.raises(RuntimeError, match='int32'):
@@ -190,8 +203,7 @@ def test_fused_bias_kernel_rejects_bad_input():
 
 
 def test_fused_neighborhood_kernel_rejects_bad_input():
-    from mmdat.ops import library as ext
-    assert ext.cpu_ops_available()
+    require_impl('cpu')
     q = torch.zeros(1, 2, 5, 5, 4)
     with pytest.raises(RuntimeError, match='smaller than the kernel'):
         torch.ops.mmdat.neighborhood_attention(q, q, q, torch.zeros(2, 13, 13),
@@ -213,22 +225,28 @@ def test_fused_neighborhood_kernel_rejects_bad_input():
 ])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 def test_fused_neighborhood_inference_kernel(shape, ks, dtype):
-    """The inference op (no attention weights, own float32 kernel) gives the
-    training op's output, also from strided views of a qkv tensor."""
-    from mmdat.ops import library as ext
-    assert ext.cpu_ops_available()
+    """The inference op (no attention weights, own float32 kernel) and the
+    training op against the float64 reference, also from strided views of a
+    qkv tensor."""
+    from mmdat.ops.neighborhood_attention.reference import \
+        neighborhood_attention_reference
+    require_impl('cpu')
     torch.manual_seed(0)
     B, h, H, W, c = shape
     qkv = torch.randn(B, H, W, 3, h, c, dtype=dtype)
     q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
     rpb = torch.randn(h, 2 * ks - 1, 2 * ks - 1, dtype=dtype)
+    want = neighborhood_attention_reference(
+        q.double(), k.double(), v.double(), rpb.double(), kernel_size=ks,
+        scale=0.3)
     ref, _ = torch.ops.mmdat.neighborhood_attention(q, k, v, rpb, ks, 0.3)
     out = torch.ops.mmdat.neighborhood_attention_inference(q, k, v, rpb, ks,
                                                           0.3)
     assert out.shape == ref.shape
     assert out.permute(0, 2, 3, 1, 4).is_contiguous()
     tol = 1e-12 if dtype == torch.float64 else 1e-5
-    assert rel_err(out, ref) <= tol
+    assert rel_err(out, want) <= tol
+    assert rel_err(ref, want) <= tol
     out2 = torch.ops.mmdat.neighborhood_attention_inference(
         q.contiguous(), k.contiguous(), v.contiguous(), rpb, ks, 0.3)
     assert torch.equal(out, out2)
@@ -238,8 +256,7 @@ def test_fused_neighborhood_inference_kernel(shape, ks, dtype):
 def test_neighborhood_no_grad_equals_training_path(hw):
     """Under no_grad the module takes the inference kernel; same output as
     the autograd path (training kernel)."""
-    from mmdat.ops import library as ext
-    assert ext.cpu_ops_available()
+    require_impl('cpu')
     torch.manual_seed(2)
     m = NeighborhoodAttention(64, 2, 7)
     with torch.no_grad():

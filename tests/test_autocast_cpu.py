@@ -1,6 +1,6 @@
 """bfloat16 autocast on the CPU (what ``--amp`` uses without a GPU): forward
 and backward of a small DAT++ stay finite and close to float32, for the
-``fast`` and the ``reference`` attention.
+C++ kernels, the chunked and the reference attention.
 
 The deformable attention keeps its sampling positions and bias-table
 coordinates in float32 under autocast: in bf16 a position near +-1 is only
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from conftest import TINY_ARCH, rel_err
 from mmdat.models import DAT
 
-IMPLS = ['fast', 'reference']
+IMPLS = ['auto', 'chunked', 'reference']  # auto: the C++ kernels on CPU
 OUT_TOL = 5e-2  # max |bf16 - fp32| / max |fp32| per output
 MIN_COSINE = 0.99  # gradients, bf16 vs fp32
 GRAD_FLOOR = 1e-3  # parameters whose gradient stays below this fraction of

@@ -21,7 +21,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-import mmdat.models.attentions.deformable as deformable
+import mmdat.ops.deformable_attention.chunked as chunked
 import mmdat.models.attentions.neighborhood as neighborhood
 from conftest import TINY_ARCH, rel_err
 from mmdat.models import DAT
@@ -76,10 +76,9 @@ def test_inductor_forward_matches_eager():
 
 @pytest.mark.slow
 def test_inductor_backward_matches_eager(monkeypatch):
-    # a small chunk budget makes the deformable attention's fast path run
-    # in several query chunks (4 in stage 1, 2 in stage 2) with activation
-    # checkpointing, also under compile
-    monkeypatch.setattr(deformable, '_CHUNK_ELEMENTS', 256)
+    # a small chunk budget makes the chunked paths (the C++ one where the
+    # one-pass kernels do not apply) run in several query chunks
+    monkeypatch.setattr(chunked, 'CHUNK_ELEMENTS', 256)
     model = _model(train=True)
     x = torch.randn(1, 3, *SIZES[0])
     w = [torch.randn_like(o) for o in model(x)]
@@ -138,3 +137,38 @@ def test_neighborhood_attention_has_no_graph_break():
     na = neighborhood.NeighborhoodAttention(16, 2, kernel_size=3).eval()
     explain = torch._dynamo.explain(na)(torch.randn(1, 16, 8, 8))
     assert explain.graph_break_count == 0, explain.break_reasons
+
+
+def _graph_ops(model, x, train):
+    """The ops of the single graph dynamo captures for ``model(x)``."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=backend, fullgraph=True,
+                             dynamic=False)
+    with torch.set_grad_enabled(train):
+        out = compiled(x)
+    assert len(graphs) == 1
+    return out, {str(n.target) for n in graphs[0].graph.nodes
+                 if n.op == 'call_function'}
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_cpu_kernels_stay_in_the_compiled_graph(train):
+    """Under torch.compile the C++ kernels are custom ops in the graph (not
+    the gather fallback), and the result equals eager."""
+    from conftest import require_impl
+    require_impl('cpu')
+    model = _model(train)
+    x = torch.randn(1, 3, 64, 64)
+    out, ops = _graph_ops(model, x, train)
+    assert 'mmdat.deformable_attention_cpu.default' in ops
+    na = ('mmdat.neighborhood_attention_cpu.default' if train else
+          'mmdat.neighborhood_attention_cpu_inference.default')
+    assert na in ops
+    with torch.set_grad_enabled(train):
+        for a, b in zip(out, model(x)):
+            assert rel_err(a, b) < 1e-5

@@ -9,6 +9,7 @@ from mmdat.models.attentions.common import conv_add, cpu_inference_fusable
 from mmdat.models.attentions.deformable import (DeformableAttention,
                                                 _group_batch)
 from mmdat.models.backbones.dat import ConvFFN
+from conftest import require_impl
 
 CL = torch.channels_last
 
@@ -92,10 +93,14 @@ def test_deformable_output_channels_last_and_equal(B):
     assert torch.allclose(got, want, rtol=0, atol=1e-5)
 
 
-def _fused_available():
-    from mmdat.ops import library as ext
-    return ext.use_cpu_ops(torch.zeros(1)) and \
-        ext.fused_deform_attention_available()
+@pytest.fixture
+def fused_kernel():
+    """The one-pass deformable kernels: a failed build fails the test; only
+    a CPU without AVX-512 skips it."""
+    from mmdat.ops import library
+    require_impl('cpu')
+    if not library.fused_deform_attention_available():
+        pytest.skip('the one-pass deformable kernels need AVX-512')
 
 
 # (channels, heads, groups, stride, offset kernel, rpe size, B, H, W):
@@ -108,10 +113,9 @@ FUSED_CASES = [(64, 2, 1, 8, 9, 7, 1, 40, 75),
                (32, 1, 1, 1, 3, 4, 1, 9, 16)]
 
 
-@pytest.mark.skipif(not _fused_available(),
-                    reason='fused deformable kernel needs an AVX-512 build')
 @pytest.mark.parametrize('case', FUSED_CASES)
-def test_fused_deformable_inference_equals_reference(case, monkeypatch):
+def test_fused_deformable_inference_equals_reference(case, monkeypatch,
+                                                    fused_kernel):
     """float32 one-pass kernel against the reference path in float64."""
     C, h, g, r, ks, rpe, B, H, W = case
     torch.manual_seed(0)
@@ -138,9 +142,7 @@ def test_fused_deformable_inference_equals_reference(case, monkeypatch):
     assert err <= 1e-5, err
 
 
-@pytest.mark.skipif(not _fused_available(),
-                    reason='fused deformable kernel needs an AVX-512 build')
-def test_fused_deformable_kernel_rejects_bad_input():
+def test_fused_deformable_kernel_rejects_bad_input(fused_kernel):
     args = [torch.zeros(1, 2, 6, 32), torch.zeros(2, 32, 4),
             torch.zeros(2, 4, 32), torch.zeros(1, 2, 3, 3),
             torch.zeros(1, 2, 4, dtype=torch.int32), torch.zeros(1, 2, 4),
@@ -159,11 +161,10 @@ def test_fused_deformable_kernel_rejects_bad_input():
         torch.ops.mmdat.deform_attention_infer(*bad, 0.1)
 
 
-@pytest.mark.skipif(not _fused_available(),
-                    reason='fused deformable kernel needs an AVX-512 build')
-@pytest.mark.parametrize('case', [(64, 4, 2, 4, 5, 16, 2, 23, 41),
-                                  (32, 2, 1, 2, 3, 8, 1, 3, 5)])
-def test_fused_kernels_in_training_give_reference_grads(case, monkeypatch):
+@pytest.mark.parametrize('case', FUSED_CASES + [
+    (64, 4, 2, 4, 5, 16, 2, 23, 41), (32, 2, 1, 2, 3, 8, 1, 3, 5)])
+def test_fused_kernels_in_training_give_reference_grads(case, monkeypatch,
+                                                        fused_kernel):
     """float32 training with the one-pass forward and backward kernels
     against the reference path in float64 (outputs and every gradient)."""
     C, h, g, r, ks, rpe, B, H, W = case
@@ -221,8 +222,9 @@ def test_neighborhood_training_float32_gives_reference_grads(hw):
     vectorised forward also writes the probabilities the backward uses)
     against the reference path in float64."""
     from mmdat.models.attentions import NeighborhoodAttention
+    require_impl('cpu')
     torch.manual_seed(0)
-    fast = NeighborhoodAttention(64, 2)
+    fast = NeighborhoodAttention(64, 2, impl='cpu')
     with torch.no_grad():
         fast.rpb.normal_()
     ref = NeighborhoodAttention(64, 2, impl='reference').double()

@@ -37,8 +37,9 @@ import mmdat  # noqa: F401  (registers DAT in mmpretrain)
 from mmdat.models import DAT
 from mmdat.models.attentions import DeformableAttention, NeighborhoodAttention
 from mmdat.models.attentions.common import normalized_grid, reference_grid
+from mmdat.ops.deformable_attention.reference import bias_reference
 
-IMPLS = ('auto', 'reference')
+IMPLS = ('auto', 'chunked', 'reference')  # auto: the C++ kernels on CPU
 GRID = [(H, W) for H in range(1, 41) for W in range(1, 41)]
 LARGE = [(1333, 32), (32, 1333), (8, 2000)]
 # run one by one through the untouched model to validate the batched replay
@@ -128,7 +129,8 @@ def build_models(arch):
         dense[impl] = DAT(arch=arch, out_indices=(0, 1, 2, 3),
                           impl=impl).eval()
     sd = dense['auto'].state_dict()
-    dense['reference'].load_state_dict(sd)
+    for impl in IMPLS[1:]:
+        dense[impl].load_state_dict(sd)
     cls = {}
     for impl in IMPLS:
         model = MODELS.build(dict(
@@ -141,7 +143,7 @@ def build_models(arch):
                       in_channels=arch['dims'][-1]))).eval()
         own = model.backbone.state_dict()
         model.backbone.load_state_dict({k: sd[k] for k in own}, strict=True)
-        if impl == 'reference':
+        if impl != 'auto':
             model.head.load_state_dict(cls['auto'].head.state_dict())
         cls[impl] = model
     return dense, cls
@@ -199,9 +201,11 @@ def test_all_sizes_1_to_40(arch_name, manifests):
                 check_outputs(outs, logits, dims, H, W, B, where)
                 check_head(cls[impl], outs[3], logits, where)
                 res[impl] = (outs, logits)
-            for a, b in zip(res['auto'][0], res['reference'][0]):
-                assert rel_err(a, b) <= TOL_IMPL, (arch_name, members[0][0])
-            assert rel_err(res['auto'][1], res['reference'][1]) <= TOL_IMPL
+            for impl in IMPLS[:-1]:
+                for a, b in zip(res[impl][0], res['reference'][0]):
+                    assert rel_err(a, b) <= TOL_IMPL, (arch_name, members[0][0])
+                assert rel_err(res[impl][1],
+                               res['reference'][1]) <= TOL_IMPL, impl
             for j, (hw, _) in enumerate(members):
                 if hw in sample:
                     replay[hw] = {
@@ -241,9 +245,11 @@ def test_long_thin_inputs(arch_name, manifests):
                               (arch_name, hw, impl))
                 check_head(cls[impl], outs[3], logits, (hw, impl))
                 res[impl] = (outs, logits)
-            for a, b in zip(res['auto'][0], res['reference'][0]):
-                assert rel_err(a, b) <= TOL_IMPL, (arch_name, hw)
-            assert rel_err(res['auto'][1], res['reference'][1]) <= TOL_IMPL
+            for impl in IMPLS[:-1]:
+                for a, b in zip(res[impl][0], res['reference'][0]):
+                    assert rel_err(a, b) <= TOL_IMPL, (arch_name, hw)
+                assert rel_err(res[impl][1],
+                               res['reference'][1]) <= TOL_IMPL, impl
 
 
 # --------------------------------------------------------------------------
@@ -285,7 +291,8 @@ def test_deformable_attention_on_one_pixel_maps(hw, stride):
     mods = {}
     for impl in IMPLS:
         mods[impl] = DeformableAttention(**kw, impl=impl).double().eval()
-    mods['reference'].load_state_dict(mods['auto'].state_dict())
+    for impl in IMPLS[:-1]:
+        mods[impl].load_state_dict(mods['reference'].state_dict())
     m = mods['auto']
     with torch.no_grad():
         q = m.proj_q(x)
@@ -308,13 +315,15 @@ def test_deformable_attention_on_one_pixel_maps(hw, stride):
         outs = {impl: mods[impl](x) for impl in IMPLS}
         for o in outs.values():
             assert o.shape == x.shape and torch.isfinite(o).all()
-        assert rel_err(outs['auto'], outs['reference']) <= 1e-10
+        for impl in IMPLS[:-1]:
+            assert rel_err(outs[impl], outs['reference']) <= 1e-10, impl
 
         # queries of a 1-row map are at y = 0 = the middle row of 3 rows
         if H == 1:
-            bias1 = m._bias_reference(pos, 1, W)  # (B*h, 1*W, Ns)
-            bias3 = m._bias_reference(pos, 3, W).reshape(
-                bias1.shape[0], 3, W, -1)[:, 1]
+            p4 = pos.reshape(1, 2, -1, 2)
+            bias1 = bias_reference(p4, m.rpe_table, 1, W)  # (B, h, W, Ns)
+            bias3 = bias_reference(p4, m.rpe_table, 3, W).reshape(
+                *bias1.shape[:2], 3, W, -1)[:, :, 1]
             torch.testing.assert_close(bias1, bias3.reshape(bias1.shape))
 
     no_off = DeformableAttention(**kw, no_off=True).double().eval()
@@ -333,10 +342,12 @@ def test_neighborhood_attention_on_one_pixel_maps(hw):
     torch.manual_seed(0)
     mods = {impl: NeighborhoodAttention(8, 2, 7, impl=impl).double().eval()
             for impl in IMPLS}
-    mods['reference'].load_state_dict(mods['auto'].state_dict())
+    for impl in IMPLS[:-1]:
+        mods[impl].load_state_dict(mods['reference'].state_dict())
     x = torch.randn(1, 8, *hw, dtype=torch.float64)
     with torch.no_grad():
         outs = {impl: mods[impl](x) for impl in IMPLS}
     for o in outs.values():
         assert o.shape == x.shape and torch.isfinite(o).all()
-    assert rel_err(outs['auto'], outs['reference']) <= 1e-10
+    for impl in IMPLS[:-1]:
+        assert rel_err(outs[impl], outs['reference']) <= 1e-10, impl

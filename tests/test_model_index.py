@@ -25,7 +25,11 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 INDEX = osp.join(ROOT, 'model-index.yml')
 METAFILES = ('configs/mmdet/metafile.yml', 'configs/mmseg/metafile.yml',
              'configs/mmpretrain/metafile.yml')
-OFFICIAL_CODE = 'https://github.com/LeapLabTHU/DAT'
+# the official code of each task (the dense-prediction runs have their own
+# repositories)
+OFFICIAL_CODE = {'mmdet': 'https://github.com/LeapLabTHU/DAT-Detection',
+                 'mmseg': 'https://github.com/LeapLabTHU/DAT-Segmentation',
+                 'mmpretrain': 'https://github.com/LeapLabTHU/DAT'}
 TASKS = {
     'mmdet': {'Object Detection', 'Instance Segmentation'},
     'mmseg': {'Semantic Segmentation'},
@@ -60,7 +64,7 @@ CLS = {  # top-1, params (M, rounded as published), GFLOPs at 224 (or None)
     'dat_pp_t_in1k': (83.9, 24.0, 4.3),
     'dat_pp_s_in1k': (84.6, 53.1, 9.4),
     'dat_pp_b_in1k': (84.9, 93.7, 16.6),
-    'dat_pp_b_in1k_384': (85.9, 93.7, None),
+    'dat_pp_b_in1k_384': (85.9, 93.7, 49.7),
 }
 
 
@@ -111,7 +115,7 @@ def test_metafile_schema(metafiles):
         for c in data['Collections']:
             assert c['Paper']['URL'] == 'https://arxiv.org/abs/2309.01430'
             assert 'DAT++' in c['Paper']['Title']
-            assert c['Code']['URL'] == OFFICIAL_CODE
+            assert c['Code']['URL'] == OFFICIAL_CODE[lib]
             assert c['Metadata']['Training Data']
             assert isinstance(c['Metadata']['Architecture'], list)
         for m in data['Models']:
@@ -127,7 +131,7 @@ def test_metafile_schema(metafiles):
                     isinstance(v, float) for v in r['Metrics'].values()), name
             # The official weights are the authors'; no URL is claimed here.
             assert 'Weights' not in m, name
-            assert m['Converted From'] == {'Code': OFFICIAL_CODE}, name
+            assert m['Converted From'] == {'Code': OFFICIAL_CODE[lib]}, name
 
 
 def test_every_non_demo_config_listed_once(metafiles):

@@ -155,6 +155,11 @@ def reference_grid(n: int, dtype: torch.dtype,
     what the published weights were trained with. For ``n == 1`` (where the
     official code divides by zero) the single point is the centre (0).
     """
+    if torch.jit.is_tracing():
+        # branch-free and without linspace (exported as a division by
+        # n - 1): bit-identical to the form below for n >= 2, 0 for n == 1
+        d = torch.clamp(torch.as_tensor(n - 1), min=1)
+        return (torch.arange(n, dtype=dtype, device=device) + 0.5) / d * 2 - 1
     if n == 1:
         return torch.zeros(1, dtype=dtype, device=device)
     return torch.linspace(0.5, n - 0.5, n, dtype=dtype,

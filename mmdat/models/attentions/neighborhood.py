@@ -43,10 +43,14 @@ class NeighborhoodAttention(nn.Module):
         B, C, H, W = x.shape
         k = self.kernel_size
         t = x.permute(0, 2, 3, 1)
-        pad_b, pad_r = max(0, k - H), max(0, k - W)
-        if pad_b or pad_r:
+        if torch.jit.is_tracing():
+            # sizes are tensors when tracing (ONNX export): pad by tensor
+            # amounts (0 is a no-op) so that no size is baked into the graph
+            t = F.pad(t, (0, 0, 0, torch.clamp(torch.as_tensor(k - W), min=0),
+                          0, torch.clamp(torch.as_tensor(k - H), min=0)))
+        elif H < k or W < k:
             # the padded tokens go through qkv (bias included) like any other
-            t = F.pad(t, (0, 0, 0, pad_r, 0, pad_b))
+            t = F.pad(t, (0, 0, 0, max(0, k - W), 0, max(0, k - H)))
         Hp, Wp = t.shape[1:3]
         qkv = self.qkv(t).reshape(B, Hp, Wp, 3, self.num_heads, self.head_dim)
         q, kk, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # (B, h, H, W, c)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .. import library
 from ..dispatch import Context, register
-from .chunked import CHUNK_ELEMENTS
+from . import chunked
 from .lookup import at_least_two_wide, clamped_corner
 
 
@@ -76,7 +76,7 @@ def _fused(c: int, *tensors: Tensor) -> bool:
 
 
 def _rows(Bh: int, H: int, W: int, Ns: int) -> int:
-    return max(1, min(H, CHUNK_ELEMENTS // max(1, Bh * W * Ns)))
+    return max(1, min(H, chunked.CHUNK_ELEMENTS // max(1, Bh * W * Ns)))
 
 
 @torch.library.custom_op('mmdat::deformable_attention_cpu', mutates_args=())

@@ -19,6 +19,12 @@ def query_grid(n: int, dtype: torch.dtype,
     The official code divides by ``n - 1`` and returns NaN for ``n == 1``;
     a single position is placed at the centre (0) instead.
     """
+    if torch.jit.is_tracing():
+        # n is a tensor when tracing (ONNX export): branch-free, so that
+        # neither n == 1 nor n > 1 is baked into the graph (+0.0 for n > 1)
+        d = torch.clamp(torch.as_tensor(n - 1), min=1)
+        return (torch.arange(n, dtype=dtype, device=device) / d * 2 - 1
+                + torch.as_tensor(n == 1).to(dtype))
     if n == 1:
         return torch.zeros(1, dtype=dtype, device=device)
     return torch.arange(n, dtype=dtype, device=device) / (n - 1) * 2 - 1
