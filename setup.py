@@ -1,14 +1,22 @@
+import glob
+import importlib.util
 import os
 import os.path as osp
 import platform
 import shutil
 import sys
+from typing import Tuple
 
 from setuptools import find_packages, setup
 
 # What openmim (``mim search/train/test mmdat``) looks for in
 # ``<installed package>/.mim``.
 MIM_FILES = ('model-index.yml', 'configs', 'tools')
+# Developer-only scripts (GPU checks of this repository's kernels, the
+# repository's venv set-up and test runner): in the repository, not in
+# wheels. Matched by file name anywhere below tools/.
+DEV_ONLY_TOOLS = ('cuda_quick.py', 'cuda_check.sh', 'setup_env.sh',
+                  'run_tests.sh')
 
 
 def read_version() -> str:
@@ -46,14 +54,62 @@ def add_mim_extension() -> None:
         if mode == 'symlink':
             os.symlink(osp.relpath(src, mim_path), dst)
         elif osp.isdir(src):
-            ignore = shutil.ignore_patterns('__pycache__', '*.pyc')
+            ignore = shutil.ignore_patterns('__pycache__', '*.pyc',
+                                            *DEV_ONLY_TOOLS)
             shutil.copytree(src, dst, ignore=ignore)
         else:
             shutil.copyfile(src, dst)
 
 
+def cpu_extension() -> Tuple[list, dict]:
+    """The C++ CPU kernels as the extension ``mmdat.ops._C`` (see
+    mmdat/ops/library.py): every source is compiled for the baseline
+    target; the kernel files switch the instruction set per variant
+    themselves (AVX-512, AVX2 + FMA, scalar; chosen at run time), so there
+    is no ``-march=native`` and the wheel runs on any x86-64 CPU.
+
+    Needs torch at build time: ``pip install --no-build-isolation``. Without
+    torch (an isolated build) or with ``MMDAT_NO_EXT=1`` the package is built
+    without it and compiles the kernels on first use instead.
+    """
+    if os.environ.get('MMDAT_NO_EXT', '') not in ('', '0'):
+        return [], {}
+    try:
+        import torch  # noqa: F401 - needed to build the extension
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        print('mmdat: torch is not importable in the build environment '
+              '(use `pip install --no-build-isolation`); building without '
+              'the compiled CPU kernels (compiled on first use instead)',
+              file=sys.stderr)
+        return [], {}
+    if sys.platform not in ('linux', 'darwin'):
+        return [], {}
+    # the loader's own flags (torch version, sources' hash: it loads only a
+    # build that matches both); loaded by path, so that nothing of mmdat
+    # but this torch-only module is imported
+    spec = importlib.util.spec_from_file_location(
+        '_mmdat_ops_library', osp.join('mmdat', 'ops', 'library.py'))
+    library = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(library)
+    csrc = osp.join('mmdat', 'ops', 'csrc')
+    sources = sorted(glob.glob(osp.join(csrc, '*.cpp')))
+    openmp = ['-fopenmp'] if sys.platform == 'linux' else []
+    ext = CppExtension(
+        'mmdat.ops._C',
+        sources=sources,
+        include_dirs=[osp.abspath(csrc)],
+        depends=sorted(glob.glob(osp.join(csrc, '*.h'))),
+        extra_compile_args={
+            'cxx': ['-O3', '-g0'] + library.build_flags() + openmp
+        },
+        extra_link_args=openmp)
+    return [ext], {'build_ext': BuildExtension}
+
+
 if __name__ == '__main__':
     add_mim_extension()
+    ext_modules, cmdclass = cpu_extension()
     setup(
         name='mmdat',
         version=read_version(),
@@ -67,17 +123,25 @@ if __name__ == '__main__':
                 '.mim/model-index.yml', '.mim/configs/**/*.py',
                 '.mim/configs/**/*.yml', '.mim/tools/**/*.py',
                 '.mim/tools/**/*.sh',
-                # compiled on first use (torch.utils.cpp_extension.load)
+                # the development fallback compiles them at run time
+                # (torch.utils.cpp_extension.load) where mmdat.ops._C is
+                # missing or built for another torch
                 'ops/csrc/*.cpp', 'ops/csrc/*.h'
             ]
         },
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
         python_requires='>=3.8',
-        install_requires=['torch>=2.0', 'mmengine>=0.10.0'],
+        # 2.4: torch.library.custom_op / register_fake, used at import
+        install_requires=['torch>=2.4', 'mmengine>=0.10.0'],
         extras_require={
             'all': [
                 'mmcv>=2.0.0,<2.2.0', 'mmdet>=3.0.0',
                 'mmsegmentation>=1.0.0', 'mmpretrain>=1.0.0'
             ],
+            # ONNX export and its check with onnxruntime (opset >= 17);
+            # ml_dtypes 0.6 (an onnx dependency) needs numpy >= 2
+            'deploy': ['onnx>=1.16', 'onnxruntime>=1.18', 'ml_dtypes<0.6'],
         },
         license='Apache License 2.0',
         zip_safe=False,

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Create ./.venv with the pinned OpenMMLab 2 stack and mmdat (editable).
-# Idempotent: when everything is installed already it returns in seconds.
+# Create ./.venv with the pinned OpenMMLab 2 stack and mmdat (editable, with
+# its C++ CPU kernels compiled in place: mmdat/ops/_C*.so, so that no run
+# compiles anything). Idempotent: when everything is installed already it
+# returns in seconds.
 #
 # mmcv 2.1.0 has no wheel for torch 2.14 and its setup.py asks for C++17,
 # while torch >= 2.10 headers need C++20: we build it from the PyPI sdist with
@@ -13,9 +15,13 @@ PY="$VENV/bin/python"
 WHEELS="${MMDAT_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mmdat/wheels}"
 STAMP="$VENV/.mmdat-setup"
 KEY="$(cat "$ROOT/requirements.txt" "$ROOT/tools/setup_env.sh" "$ROOT/setup.py" | sha256sum | cut -c1-16)"
+# the compiled kernels are those of the current csrc/ (else rebuilt below)
+KERNELS_OK='from mmdat.ops import library as L; import sys
+sys.exit(0 if L.build_info()["source"] == "aot" else 1)'
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ] && \
-   "$PY" -c 'import mmdat, mmcv.ops, mmdet, mmseg, mmpretrain' >/dev/null 2>&1; then
+   "$PY" -c 'import mmdat, mmcv.ops, mmdet, mmseg, mmpretrain, onnx, onnxruntime' >/dev/null 2>&1 && \
+   MMDAT_EXT=aot "$PY" -W ignore -c "$KERNELS_OK" >/dev/null 2>&1; then
   exit 0
 fi
 
@@ -68,14 +74,23 @@ log "installing the pinned stack"
 pipi mmengine==0.10.7 'opencv-python<4.11' matplotlib pycocotools scipy shapely six \
   terminaltables tqdm packaging prettytable einops importlib-metadata mat4py modelindex \
   rich ftfy regex pytest hypothesis Click colorama model-index pandas requests tabulate
+# ONNX export and its check (issue 13); in one call with numpy<2: ml_dtypes
+# 0.6 (an onnx dependency) would upgrade numpy to 2.x, which mmcv 2.1 breaks on
+pipi onnx==1.23.2 onnxruntime==1.32.0 'ml_dtypes<0.6' 'numpy<2'
 # the three libraries pin mmcv ranges that pip would try to re-resolve from source;
 # openmim's dataset-download dependency (openxlab) would downgrade setuptools.
 pipi --no-deps mmdet==3.3.0 mmsegmentation==1.2.2 mmpretrain==1.2.0 openmim==0.3.9
-pipi --no-deps --no-build-isolation -e "$ROOT"
-"$PY" -c 'import mmdat, mmcv.ops, mmdet, mmseg, mmpretrain' >/dev/null
-# the fused CPU attention kernels are built on first use; build them now
-# (about 20 s) so that no run pays for it (mmdat falls back if this fails)
-"$PY" -c 'from mmdat.ops.library import cpu_ops_available as ok
-print("fused CPU kernels:", "ready" if ok() else "unavailable (fallback)")'
+# editable install; compiles the C++ CPU kernels (every instruction set,
+# chosen at run time) into mmdat/ops/_C*.so: about a minute on 2 cores
+log "installing mmdat (editable) and compiling its CPU kernels"
+MAX_JOBS="${MAX_JOBS:-$(nproc)}" pipi --no-deps --no-build-isolation -e "$ROOT"
+"$PY" -c 'import mmdat, mmcv.ops, mmdet, mmseg, mmpretrain, onnx, onnxruntime' >/dev/null
+if ! MMDAT_EXT=aot "$PY" -W ignore -c "$KERNELS_OK"; then
+  log "the compiled CPU kernels do not load:"
+  MMDAT_EXT=aot "$PY" -W ignore -c 'from mmdat.ops import library as L; print(L.build_info())'
+  exit 1
+fi
+"$PY" -c 'from mmdat.ops import library as L; i = L.build_info()
+print("[mmdat setup] CPU kernels:", i["source"], i["isa"], "(runnable here: " + ", ".join(i["isas"]) + ")")'
 echo "$KEY" > "$STAMP"
 log "ready: $VENV"

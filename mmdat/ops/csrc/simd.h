@@ -1,13 +1,14 @@
-// Small AVX-512 helpers shared by the CPU kernels.
+// Small AVX-512 helpers shared by the CPU kernels (included inside the
+// instruction-set namespace of kernels_<isa>.cpp).
 #pragma once
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
+#if MMDAT_AVX512
 
 // exp(x) for x <= 0 (scores minus their maximum): Cephes' expf polynomial,
 // with 2^n applied by vscalefps (underflows gracefully to 0); ~1 ulp.
+// NaN stays NaN: vmaxps returns its second operand when either is NaN.
 inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  x = _mm512_max_ps(_mm512_set1_ps(-104.f), x);
   const __m512 n = _mm512_roundscale_ps(
       _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

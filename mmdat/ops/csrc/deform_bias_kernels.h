@@ -10,48 +10,12 @@
 //
 // table: (g, h, Ty, Tx), Ty, Tx >= 2; y0, fy: (B*g, r, Ns); x0, fx:
 // (B*g, W, Ns); out: (B*g, h, r, W, Ns). Batch b uses table group b % g.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
-#include "simd.h"
+//
+// Included once per instruction set by kernels_<isa>.cpp, inside
+// namespace mmdat::MMDAT_ISA_NS; MMDAT_AVX512 / MMDAT_AVX2 say which
+// vector code to compile. Inputs were validated by ops.cpp.
 
 namespace {
-
-struct Dims {
-  int64_t G, Bg, H, R, W, Ns, Ty, Tx;
-};
-
-Dims check_inputs(const at::Tensor& table, const at::Tensor& y0,
-                  const at::Tensor& fy, const at::Tensor& x0,
-                  const at::Tensor& fx) {
-  TORCH_CHECK(table.dim() == 4, "table must be (g, h, Ty, Tx)");
-  TORCH_CHECK(table.size(2) >= 2 && table.size(3) >= 2,
-              "table must be at least 2x2 (pad it)");
-  TORCH_CHECK(table.size(2) * table.size(3) < (int64_t{1} << 31),
-              "table rows x columns must fit 32-bit offsets");
-  TORCH_CHECK(y0.dim() == 3 && fy.dim() == 3, "y0/fy must be (B*g, r, Ns)");
-  TORCH_CHECK(x0.dim() == 3 && fx.dim() == 3, "x0/fx must be (B*g, W, Ns)");
-  TORCH_CHECK(y0.scalar_type() == at::kInt && x0.scalar_type() == at::kInt,
-              "y0/x0 must be int32");
-  TORCH_CHECK(y0.sizes() == fy.sizes() && x0.sizes() == fx.sizes(),
-              "index and fraction shapes differ");
-  TORCH_CHECK(y0.size(0) == x0.size(0) && y0.size(2) == x0.size(2),
-              "y0 and x0 disagree on batch/keys");
-  TORCH_CHECK(y0.size(0) % table.size(0) == 0,
-              "batch is not a multiple of the table groups");
-  TORCH_CHECK(fy.scalar_type() == table.scalar_type() &&
-                  fx.scalar_type() == table.scalar_type(),
-              "fy/fx and table dtypes differ");
-  return {table.size(0), y0.size(0), table.size(1), y0.size(1), x0.size(1),
-          y0.size(2), table.size(2), table.size(3)};
-}
 
 // Read-only inputs of both kernels, as typed pointers.
 template <typename scalar_t>
@@ -61,13 +25,12 @@ struct Inputs {
   const scalar_t* fy;
   const int* x0;
   const scalar_t* fx;
-  Inputs(const at::Tensor& t, const at::Tensor& y, const at::Tensor& wy,
-         const at::Tensor& x, const at::Tensor& wx)
-      : table(t.const_data_ptr<scalar_t>()),
-        y0(y.const_data_ptr<int>()),
-        fy(wy.const_data_ptr<scalar_t>()),
-        x0(x.const_data_ptr<int>()),
-        fx(wx.const_data_ptr<scalar_t>()) {}
+  explicit Inputs(const BiasArgs& a)
+      : table(static_cast<const scalar_t*>(a.table)),
+        y0(a.y0),
+        fy(static_cast<const scalar_t*>(a.fy)),
+        x0(a.x0),
+        fx(static_cast<const scalar_t*>(a.fx)) {}
 };
 
 // Column interpolation of the two table rows at flat offset `off` (row
@@ -87,7 +50,7 @@ template <typename scalar_t>
 inline void bias_row(const scalar_t* T, const int* yi, const scalar_t* wy,
                      const int* xi, const scalar_t* wx, int tx, int64_t Ns,
                      scalar_t* o) {
-  using opmath_t = at::opmath_type<scalar_t>;
+  using opmath_t = acc_t<scalar_t>;
   for (int64_t k = 0; k < Ns; ++k) {
     const opmath_t fxk = wx[k], fyk = wy[k];
     opmath_t top, bot;
@@ -96,7 +59,7 @@ inline void bias_row(const scalar_t* T, const int* yi, const scalar_t* wy,
   }
 }
 
-#if defined(__AVX512F__)
+#if MMDAT_AVX512
 // T[off[l]] and T[off[l] + 1] for 16 lanes: the two neighbours are fetched
 // as one 64-bit element (8-lane gathers cost about half of 16-lane ones),
 // then split into even and odd floats.
@@ -115,7 +78,7 @@ inline void gather_pairs(const float* T, __m512i off, __m512& left,
 }
 #endif
 
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if MMDAT_AVX512 || MMDAT_AVX2
 // float32: the table corners are fetched with gather instructions (the
 // compiler does not vectorise the scalar loop by itself).
 template <>
@@ -123,7 +86,7 @@ inline void bias_row<float>(const float* T, const int* yi, const float* wy,
                             const int* xi, const float* wx, int tx,
                             int64_t Ns, float* o) {
   int64_t k = 0;
-#if defined(__AVX512F__)
+#if MMDAT_AVX512
   const __m512i vtx = _mm512_set1_epi32(tx);
   for (; k + 16 <= Ns; k += 16) {
     const __m512i off = _mm512_add_epi32(
@@ -167,146 +130,101 @@ inline void bias_row<float>(const float* T, const int* yi, const float* wy,
 }
 #endif
 
-// Writes into `out` (contiguous, (B*g, h, r, W, Ns) elements): callers
-// reuse one buffer across query chunks, since a fresh allocation of this
-// size is page-faulted in again each time and that costs more than the
-// lookup itself.
-at::Tensor& deform_bias_out(const at::Tensor& table_in,
-                            const at::Tensor& y0_in, const at::Tensor& fy_in,
-                            const at::Tensor& x0_in, const at::Tensor& fx_in,
-                            at::Tensor& out) {
-  const Dims d = check_inputs(table_in, y0_in, fy_in, x0_in, fx_in);
-  auto table = table_in.contiguous();
-  auto y0 = y0_in.contiguous(), fy = fy_in.contiguous();
-  auto x0 = x0_in.contiguous(), fx = fx_in.contiguous();
-  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == table.scalar_type()
-                  && out.numel() == d.Bg * d.H * d.R * d.W * d.Ns,
-              "out must be contiguous, of the table's dtype, with "
-              "(B*g, h, r, W, Ns) elements");
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, table.scalar_type(), "deform_bias_forward",
-      [&] {
-        using opmath_t = at::opmath_type<scalar_t>;
-        const Inputs<scalar_t> in(table, y0, fy, x0, fx);
-        scalar_t* op = out.mutable_data_ptr<scalar_t>();
-        const int tx = static_cast<int>(d.Tx);
-        at::parallel_for(
-            0, d.Bg * d.H * d.R * d.W, 1, [&](int64_t beg, int64_t end) {
-              for (int64_t n = beg; n < end; ++n) {
-                const int64_t j = n % d.W, i = (n / d.W) % d.R,
-                              h = (n / (d.W * d.R)) % d.H,
-                              b = n / (d.W * d.R * d.H);
-                const scalar_t* T =
-                    in.table + ((b % d.G) * d.H + h) * d.Ty * d.Tx;
-                const int* yi = in.y0 + (b * d.R + i) * d.Ns;
-                const scalar_t* wy = in.fy + (b * d.R + i) * d.Ns;
-                const int* xi = in.x0 + (b * d.W + j) * d.Ns;
-                const scalar_t* wx = in.fx + (b * d.W + j) * d.Ns;
-                bias_row(T, yi, wy, xi, wx, tx, d.Ns, op + n * d.Ns);
-              }
-            });
-      });
-  return out;
-}
-
-at::Tensor deform_bias_forward(const at::Tensor& table,
-                               const at::Tensor& y0, const at::Tensor& fy,
-                               const at::Tensor& x0, const at::Tensor& fx) {
-  const Dims d = check_inputs(table, y0, fy, x0, fx);
-  auto out = at::empty({d.Bg, d.H, d.R, d.W, d.Ns}, table.options());
-  return deform_bias_out(table, y0, fy, x0, fx, out);
+// out: (Bg, h, R, W, Ns) contiguous, of the table's dtype.
+void deform_bias(const BiasArgs& d, void* out) {
+  MMDAT_DISPATCH(d.dtype, [&] {
+    const Inputs<scalar_t> in(d);
+    scalar_t* op = static_cast<scalar_t*>(out);
+    const int tx = static_cast<int>(d.Tx);
+    at::parallel_for(
+        0, d.Bg * d.H * d.R * d.W, 1, [&](int64_t beg, int64_t end) {
+          for (int64_t n = beg; n < end; ++n) {
+            const int64_t j = n % d.W, i = (n / d.W) % d.R,
+                          h = (n / (d.W * d.R)) % d.H,
+                          b = n / (d.W * d.R * d.H);
+            const scalar_t* T = in.table + ((b % d.G) * d.H + h) * d.Ty * d.Tx;
+            const int* yi = in.y0 + (b * d.R + i) * d.Ns;
+            const scalar_t* wy = in.fy + (b * d.R + i) * d.Ns;
+            const int* xi = in.x0 + (b * d.W + j) * d.Ns;
+            const scalar_t* wx = in.fx + (b * d.W + j) * d.Ns;
+            bias_row(T, yi, wy, xi, wx, tx, d.Ns, op + n * d.Ns);
+          }
+        });
+  });
 }
 
 // Gradients with respect to the table (per (batch, query row): summed by
-// the caller), fy and fx.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_bias_backward(
-    const at::Tensor& grad_in, const at::Tensor& table_in,
-    const at::Tensor& y0_in, const at::Tensor& fy_in, const at::Tensor& x0_in,
-    const at::Tensor& fx_in) {
-  const Dims d = check_inputs(table_in, y0_in, fy_in, x0_in, fx_in);
-  auto table = table_in.contiguous();
-  auto y0 = y0_in.contiguous(), fy = fy_in.contiguous();
-  auto x0 = x0_in.contiguous(), fx = fx_in.contiguous();
-  auto grad = grad_in.contiguous().to(table.scalar_type());
-  TORCH_CHECK(grad.numel() == d.Bg * d.H * d.R * d.W * d.Ns,
-              "grad has the wrong size");
-  auto opt = table.options().dtype(at::toOpMathType(table.scalar_type()));
-  auto grad_table = at::zeros({d.Bg, d.R, d.H, d.Ty, d.Tx}, opt);
-  auto grad_fy = at::zeros({d.Bg, d.R, d.Ns}, opt);
-  auto grad_fx = at::zeros({d.Bg, d.W, d.Ns}, opt);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, table.scalar_type(), "deform_bias_backward",
-      [&] {
-        using opmath_t = at::opmath_type<scalar_t>;
-        const Inputs<scalar_t> in(table, y0, fy, x0, fx);
-        const scalar_t* gp = grad.const_data_ptr<scalar_t>();
-        opmath_t* gtp = grad_table.mutable_data_ptr<opmath_t>();
-        opmath_t* gyp = grad_fy.mutable_data_ptr<opmath_t>();
-        opmath_t* gxp = grad_fx.mutable_data_ptr<opmath_t>();
-        const int tx = static_cast<int>(d.Tx);
-        const int64_t TT = d.Ty * d.Tx;
-        // table and fy: each (b, i) owns its slices
-        at::parallel_for(0, d.Bg * d.R, 1, [&](int64_t beg, int64_t end) {
-          for (int64_t bi = beg; bi < end; ++bi) {
-            const int64_t b = bi / d.R;
-            const int* yi = in.y0 + bi * d.Ns;
-            const scalar_t* wy = in.fy + bi * d.Ns;
-            opmath_t* gfy = gyp + bi * d.Ns;
-            for (int64_t h = 0; h < d.H; ++h) {
-              const scalar_t* T = in.table + ((b % d.G) * d.H + h) * TT;
-              opmath_t* GT = gtp + (bi * d.H + h) * TT;
-              for (int64_t j = 0; j < d.W; ++j) {
-                const int* xi = in.x0 + (b * d.W + j) * d.Ns;
-                const scalar_t* wx = in.fx + (b * d.W + j) * d.Ns;
-                const scalar_t* go =
-                    gp + ((((b * d.H + h) * d.R + bi % d.R) * d.W) + j) * d.Ns;
-                for (int64_t k = 0; k < d.Ns; ++k) {
-                  const int off = yi[k] * tx + xi[k];
-                  const opmath_t g = go[k], fxk = wx[k], fyk = wy[k];
-                  opmath_t top, bot;
-                  lerp_rows(T, off, tx, fxk, top, bot);
-                  gfy[k] += g * (bot - top);
-                  const opmath_t gt = g - g * fyk, gb = g * fyk;
-                  opmath_t* G = GT + off;
-                  G[0] += gt - gt * fxk;
-                  G[1] += gt * fxk;
-                  G[tx] += gb - gb * fxk;
-                  G[tx + 1] += gb * fxk;
-                }
-              }
+// the caller), fy and fx, in the accumulation type.
+void deform_bias_backward(const BiasArgs& d, const void* grad, void* gtable,
+                          void* gfy_out, void* gfx_out) {
+  MMDAT_DISPATCH(d.dtype, [&] {
+    using opmath_t = acc_t<scalar_t>;
+    const Inputs<scalar_t> in(d);
+    const scalar_t* gp = static_cast<const scalar_t*>(grad);
+    opmath_t* gtp = static_cast<opmath_t*>(gtable);
+    opmath_t* gyp = static_cast<opmath_t*>(gfy_out);
+    opmath_t* gxp = static_cast<opmath_t*>(gfx_out);
+    const int tx = static_cast<int>(d.Tx);
+    const int64_t TT = d.Ty * d.Tx;
+    // table and fy: each (b, i) owns its slices
+    at::parallel_for(0, d.Bg * d.R, 1, [&](int64_t beg, int64_t end) {
+      for (int64_t bi = beg; bi < end; ++bi) {
+        const int64_t b = bi / d.R;
+        const int* yi = in.y0 + bi * d.Ns;
+        const scalar_t* wy = in.fy + bi * d.Ns;
+        opmath_t* gfy = gyp + bi * d.Ns;
+        for (int64_t h = 0; h < d.H; ++h) {
+          const scalar_t* T = in.table + ((b % d.G) * d.H + h) * TT;
+          opmath_t* GT = gtp + (bi * d.H + h) * TT;
+          for (int64_t j = 0; j < d.W; ++j) {
+            const int* xi = in.x0 + (b * d.W + j) * d.Ns;
+            const scalar_t* wx = in.fx + (b * d.W + j) * d.Ns;
+            const scalar_t* go =
+                gp + ((((b * d.H + h) * d.R + bi % d.R) * d.W) + j) * d.Ns;
+            for (int64_t k = 0; k < d.Ns; ++k) {
+              const int off = yi[k] * tx + xi[k];
+              const opmath_t g = go[k], fxk = wx[k], fyk = wy[k];
+              opmath_t top, bot;
+              lerp_rows(T, off, tx, fxk, top, bot);
+              gfy[k] += g * (bot - top);
+              const opmath_t gt = g - g * fyk, gb = g * fyk;
+              opmath_t* G = GT + off;
+              G[0] += gt - gt * fxk;
+              G[1] += gt * fxk;
+              G[tx] += gb - gb * fxk;
+              G[tx + 1] += gb * fxk;
             }
           }
-        });
-        // fx: each (b, j) owns its row
-        at::parallel_for(0, d.Bg * d.W, 1, [&](int64_t beg, int64_t end) {
-          for (int64_t bj = beg; bj < end; ++bj) {
-            const int64_t b = bj / d.W, j = bj % d.W;
-            const int* xi = in.x0 + bj * d.Ns;
-            const scalar_t* wy0 = in.fy + b * d.R * d.Ns;
-            opmath_t* gfx = gxp + bj * d.Ns;
-            for (int64_t h = 0; h < d.H; ++h) {
-              const scalar_t* T = in.table + ((b % d.G) * d.H + h) * TT;
-              for (int64_t i = 0; i < d.R; ++i) {
-                const int* yi = in.y0 + (b * d.R + i) * d.Ns;
-                const scalar_t* wy = wy0 + i * d.Ns;
-                const scalar_t* go =
-                    gp + (((b * d.H + h) * d.R + i) * d.W + j) * d.Ns;
-                for (int64_t k = 0; k < d.Ns; ++k) {
-                  const int off = yi[k] * tx + xi[k];
-                  const opmath_t fyk = wy[k];
-                  const opmath_t dtop =
-                      opmath_t(T[off + 1]) - opmath_t(T[off]);
-                  const opmath_t dbot =
-                      opmath_t(T[off + tx + 1]) - opmath_t(T[off + tx]);
-                  gfx[k] += opmath_t(go[k]) * (dtop + fyk * (dbot - dtop));
-                }
-              }
+        }
+      }
+    });
+    // fx: each (b, j) owns its row
+    at::parallel_for(0, d.Bg * d.W, 1, [&](int64_t beg, int64_t end) {
+      for (int64_t bj = beg; bj < end; ++bj) {
+        const int64_t b = bj / d.W, j = bj % d.W;
+        const int* xi = in.x0 + bj * d.Ns;
+        const scalar_t* wy0 = in.fy + b * d.R * d.Ns;
+        opmath_t* gfx = gxp + bj * d.Ns;
+        for (int64_t h = 0; h < d.H; ++h) {
+          const scalar_t* T = in.table + ((b % d.G) * d.H + h) * TT;
+          for (int64_t i = 0; i < d.R; ++i) {
+            const int* yi = in.y0 + (b * d.R + i) * d.Ns;
+            const scalar_t* wy = wy0 + i * d.Ns;
+            const scalar_t* go =
+                gp + (((b * d.H + h) * d.R + i) * d.W + j) * d.Ns;
+            for (int64_t k = 0; k < d.Ns; ++k) {
+              const int off = yi[k] * tx + xi[k];
+              const opmath_t fyk = wy[k];
+              const opmath_t dtop = opmath_t(T[off + 1]) - opmath_t(T[off]);
+              const opmath_t dbot =
+                  opmath_t(T[off + tx + 1]) - opmath_t(T[off + tx]);
+              gfx[k] += opmath_t(go[k]) * (dtop + fyk * (dbot - dtop));
             }
           }
-        });
-      });
-  const auto dt = table.scalar_type();
-  return {grad_table.to(dt), grad_fy.to(dt), grad_fx.to(dt)};
+        }
+      }
+    });
+  });
 }
 
 // ---------------------------------------------------------------------------
@@ -321,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_bias_backward(
 // (the channels-last layout of the maps); kt: (B*h, c, Ns); v: (B*h, Ns, c);
 // c % 16 == 0; bias inputs as above, with r = H.
 
-#if defined(__AVX512F__)
+#if MMDAT_AVX512
 constexpr int64_t kTileQ = 32;
 
 inline __mmask16 tail_mask(int64_t s0, int64_t Ns) {
@@ -379,46 +297,21 @@ inline float exp_row(float* Sr, int64_t Ns) {
   return 1.f / _mm512_reduce_add_ps(sum);
 }
 
-at::Tensor deform_attention_infer(const at::Tensor& q_in,
-                                  const at::Tensor& kt_in,
-                                  const at::Tensor& v_in,
-                                  const at::Tensor& table_in,
-                                  const at::Tensor& y0_in,
-                                  const at::Tensor& fy_in,
-                                  const at::Tensor& x0_in,
-                                  const at::Tensor& fx_in, double scale) {
-  const Dims d = check_inputs(table_in, y0_in, fy_in, x0_in, fx_in);
-  TORCH_CHECK(table_in.scalar_type() == at::kFloat &&
-                  q_in.scalar_type() == at::kFloat &&
-                  kt_in.scalar_type() == at::kFloat &&
-                  v_in.scalar_type() == at::kFloat,
-              "deform_attention_infer is float32 only");
-  TORCH_CHECK(q_in.dim() == 4, "q must be (B, h, M, c)");
-  const int64_t B = q_in.size(0), NH = q_in.size(1), M = q_in.size(2),
-                c = q_in.size(3), H = d.R, W = d.W, Ns = d.Ns;
+void deform_attention_infer(const DeformInferArgs& a) {
+  const BiasArgs& d = a.bias;
+  const int64_t B = a.B, NH = a.NH, M = a.M, c = a.c, H = d.R, W = d.W,
+                Ns = d.Ns;
   const int64_t hg = d.H, G = d.G;
-  TORCH_CHECK(c % 16 == 0, "head dim must be a multiple of 16");
-  TORCH_CHECK(M == H * W && NH == G * hg && d.Bg == B * G,
-              "q and the bias inputs disagree on sizes");
-  TORCH_CHECK(kt_in.sizes() == at::IntArrayRef({B * NH, c, Ns}) &&
-                  v_in.sizes() == at::IntArrayRef({B * NH, Ns, c}),
-              "kt must be (B*h, c, Ns) and v (B*h, Ns, c)");
-  auto q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
-  auto kt = kt_in.contiguous(), v = v_in.contiguous();
-  const int64_t qsB = q.stride(0), qsH = q.stride(1), qsM = q.stride(2);
-  auto table = table_in.contiguous();
-  auto y0 = y0_in.contiguous(), fy = fy_in.contiguous();
-  auto x0 = x0_in.contiguous(), fx = fx_in.contiguous();
-  auto out = at::empty({B, M, NH, c}, q.options());
-  const Inputs<float> in(table, y0, fy, x0, fx);
-  const float* qp = q.const_data_ptr<float>();
-  const float* ktp = kt.const_data_ptr<float>();
-  const float* vp = v.const_data_ptr<float>();
-  float* op = out.mutable_data_ptr<float>();
+  const int64_t qsB = a.qsB, qsH = a.qsH, qsM = a.qsM;
+  const Inputs<float> in(d);
+  const float* qp = a.q;
+  const float* ktp = a.kt;
+  const float* vp = a.v;
+  float* op = a.out;
   const int tx = static_cast<int>(d.Tx);
   const int64_t TT = d.Ty * d.Tx, ldS = (Ns + 15) / 16 * 16;
   const int64_t tiles_per_row = (W + kTileQ - 1) / kTileQ;
-  const float sc = static_cast<float>(scale);
+  const float sc = a.scale;
   at::parallel_for(
       0, B * NH * H * tiles_per_row, 1, [&](int64_t beg, int64_t end) {
         std::vector<float> S(kTileQ * ldS), qs(kTileQ * c), inv(kTileQ);
@@ -464,7 +357,6 @@ at::Tensor deform_attention_infer(const at::Tensor& q_in,
           }
         }
       });
-  return out;
 }
 
 // acc[s][:] += sum_r A[r][s] * rows[r][:] for all keys s (nq rows of A).
@@ -550,54 +442,27 @@ inline void bias_row_backward(const float* T, const int* yi, const float* wy,
 // one thread. Returns grad_q (B*h, M, c), grad_k, grad_v (B*h, Ns, c), and
 // per (b, head): grad_table (B*h, Ty, Tx), grad_fy (B*h, H, Ns), grad_fx
 // (B*h, W, Ns), which the caller sums over the batch / the group's heads.
-std::vector<at::Tensor> deform_attention_backward(
-    const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in,
-    const at::Tensor& v_in, const at::Tensor& out_in,
-    const at::Tensor& table_in, const at::Tensor& y0_in,
-    const at::Tensor& fy_in, const at::Tensor& x0_in, const at::Tensor& fx_in,
-    double scale) {
-  const Dims d = check_inputs(table_in, y0_in, fy_in, x0_in, fx_in);
-  TORCH_CHECK(q_in.dim() == 4 && q_in.scalar_type() == at::kFloat,
-              "q must be float32 (B, h, M, c)");
-  const int64_t B = q_in.size(0), NH = q_in.size(1), M = q_in.size(2),
-                c = q_in.size(3), H = d.R, W = d.W, Ns = d.Ns;
+void deform_attention_backward(const DeformBackwardArgs& a) {
+  const BiasArgs& d = a.bias;
+  const int64_t B = a.B, NH = a.NH, M = a.M, c = a.c, H = d.R, W = d.W,
+                Ns = d.Ns;
   const int64_t hg = d.H, G = d.G, Bh = B * NH;
-  TORCH_CHECK(c % 16 == 0 && M == H * W && NH == G * hg && d.Bg == B * G,
-              "q and the bias inputs disagree on sizes");
-  TORCH_CHECK(k_in.sizes() == at::IntArrayRef({Bh, Ns, c}) &&
-                  v_in.sizes() == k_in.sizes(),
-              "k and v must be (B*h, Ns, c)");
-  TORCH_CHECK(out_in.sizes() == at::IntArrayRef({B, M, NH, c}) &&
-                  grad_in.sizes() == out_in.sizes(),
-              "out and grad must be (B, M, h, c)");
-  auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  auto kt = k.transpose(1, 2).contiguous();
-  auto vt = v.transpose(1, 2).contiguous();
-  auto out = out_in.contiguous(), grad = grad_in.contiguous().to(at::kFloat);
-  auto table = table_in.contiguous();
-  auto y0 = y0_in.contiguous(), fy = fy_in.contiguous();
-  auto x0 = x0_in.contiguous(), fx = fx_in.contiguous();
-  auto opt = q.options();
-  auto dq = at::empty({Bh, M, c}, opt);
-  auto dk = at::zeros({Bh, Ns, c}, opt), dv = at::zeros({Bh, Ns, c}, opt);
-  auto dtab = at::zeros({Bh, d.Ty, d.Tx}, opt);
-  auto dfy = at::zeros({Bh, H, Ns}, opt), dfx = at::zeros({Bh, W, Ns}, opt);
-  const Inputs<float> in(table, y0, fy, x0, fx);
-  const float* qp = q.const_data_ptr<float>();
-  const float* kp = k.const_data_ptr<float>();
-  const float* ktp = kt.const_data_ptr<float>();
-  const float* vtp = vt.const_data_ptr<float>();
-  const float* op = out.const_data_ptr<float>();
-  const float* gp = grad.const_data_ptr<float>();
-  float* dqp = dq.mutable_data_ptr<float>();
-  float* dkp = dk.mutable_data_ptr<float>();
-  float* dvp = dv.mutable_data_ptr<float>();
-  float* dtp = dtab.mutable_data_ptr<float>();
-  float* dfyp = dfy.mutable_data_ptr<float>();
-  float* dfxp = dfx.mutable_data_ptr<float>();
+  const Inputs<float> in(d);
+  const float* qp = a.q;
+  const float* kp = a.k;
+  const float* ktp = a.kt;
+  const float* vtp = a.vt;
+  const float* op = a.out;
+  const float* gp = a.grad;
+  float* dqp = a.dq;
+  float* dkp = a.dk;
+  float* dvp = a.dv;
+  float* dtp = a.dtab;
+  float* dfyp = a.dfy;
+  float* dfxp = a.dfx;
   const int tx = static_cast<int>(d.Tx);
   const int64_t TT = d.Ty * d.Tx, ldS = (Ns + 15) / 16 * 16;
-  const float sc = static_cast<float>(scale);
+  const float sc = a.scale;
   at::parallel_for(0, Bh, 1, [&](int64_t beg, int64_t end) {
     std::vector<float> P(kTileQ * ldS), D(kTileQ * ldS), qs(kTileQ * c),
         gos(kTileQ * c), inv(kTileQ), scales(kTileQ, sc), delta(kTileQ);
@@ -686,46 +551,7 @@ std::vector<at::Tensor> deform_attention_backward(
       }
     }
   });
-  return {dq, dk, dv, dtab, dfy, dfx};
 }
 #endif
-
-bool has_fused_deform_attention() {
-#if defined(__AVX512F__)
-  return true;
-#else
-  return false;
-#endif
-}
 
 }  // namespace
-
-TORCH_LIBRARY(mmdat, m) {
-  m.def(
-      "deform_bias(Tensor table, Tensor y0, Tensor fy, Tensor x0, Tensor fx)"
-      " -> Tensor");
-  m.def(
-      "deform_bias_out(Tensor table, Tensor y0, Tensor fy, Tensor x0, "
-      "Tensor fx, Tensor(a!) out) -> Tensor(a!)");
-  m.def(
-      "deform_attention_infer(Tensor q, Tensor kt, Tensor v, Tensor table, "
-      "Tensor y0, Tensor fy, Tensor x0, Tensor fx, float scale) -> Tensor");
-  m.def(
-      "deform_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, "
-      "Tensor out, Tensor table, Tensor y0, Tensor fy, Tensor x0, Tensor fx, "
-      "float scale) -> Tensor[]");
-  m.def("has_fused_deform_attention() -> bool", &has_fused_deform_attention);
-  m.def(
-      "deform_bias_backward(Tensor grad, Tensor table, Tensor y0, Tensor fy,"
-      " Tensor x0, Tensor fx) -> (Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(mmdat, CPU, m) {
-  m.impl("deform_bias", &deform_bias_forward);
-  m.impl("deform_bias_out", &deform_bias_out);
-#if defined(__AVX512F__)
-  m.impl("deform_attention_infer", &deform_attention_infer);
-  m.impl("deform_attention_backward", &deform_attention_backward);
-#endif
-  m.impl("deform_bias_backward", &deform_bias_backward);
-}

@@ -3,22 +3,9 @@
 // at the borders, plus the relative position bias rpb (h, 2ks-1, 2ks-1).
 // q, k, v: (B, h, H, W, c), H >= ks and W >= ks. The training ops take them
 // contiguous; the inference op takes any strides with contiguous channels.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <vector>
-
-#include "simd.h"
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+//
+// Included once per instruction set by kernels_<isa>.cpp (see
+// deform_bias_kernels.h); inputs validated by ops.cpp.
 
 namespace {
 
@@ -26,29 +13,13 @@ inline int64_t window_start(int64_t i, int64_t ks, int64_t n) {
   return std::min(std::max<int64_t>(i - ks / 2, 0), n - ks);
 }
 
-void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-           const at::Tensor& rpb, int64_t ks) {
-  TORCH_CHECK(q.dim() == 5, "q must be (B, h, H, W, c)");
-  TORCH_CHECK(q.sizes() == k.sizes() && q.sizes() == v.sizes(),
-              "q, k, v shapes differ");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() &&
-                  q.scalar_type() == v.scalar_type(),
-              "q, k, v dtypes differ");
-  TORCH_CHECK(q.size(2) >= ks && q.size(3) >= ks,
-              "map smaller than the kernel: pad it first");
-  TORCH_CHECK(rpb.dim() == 3 && rpb.size(0) == q.size(1) &&
-                  rpb.size(1) == 2 * ks - 1 && rpb.size(2) == 2 * ks - 1,
-              "rpb must be (h, 2ks-1, 2ks-1)");
-}
-
 // A (B, h, H, W, c) tensor with unit channel stride, as pointer + strides.
 template <typename T>
 struct View {
   T* p;
   int64_t s0, s1, s2, s3;
-  View(const at::Tensor& t, T* ptr)
-      : p(ptr), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)),
-        s3(t.stride(3)) {}
+  View(T* ptr, const int64_t* s)
+      : p(ptr), s0(s[0]), s1(s[1]), s2(s[2]), s3(s[3]) {}
   T* row(int64_t b, int64_t h, int64_t i) const {
     return p + b * s0 + h * s1 + i * s2;
   }
@@ -58,10 +29,10 @@ template <typename scalar_t>
 struct NaArgs {
   View<const scalar_t> q, k, v;
   View<scalar_t> out;
-  const at::opmath_type<scalar_t>* rpb;  // (h, 2ks-1, 2ks-1)
+  const acc_t<scalar_t>* rpb;  // (h, 2ks-1, 2ks-1)
   scalar_t* attn;  // (B, h, H, W, ks*ks) contiguous, or null (inference)
   int64_t NH, H, W, C, ks;
-  at::opmath_type<scalar_t> scale;
+  acc_t<scalar_t> scale;
 };
 
 // One query (b, hh, i, j), one key at a time. Scratch: logit (ks*ks), acc
@@ -119,7 +90,7 @@ void query_scalar(const NaArgs<scalar_t>& A, int64_t b, int64_t hh, int64_t i,
 
 template <typename scalar_t>
 void forward_scalar(const NaArgs<scalar_t>& A, int64_t B) {
-  using opmath_t = at::opmath_type<scalar_t>;
+  using opmath_t = acc_t<scalar_t>;
   at::parallel_for(0, B * A.NH * A.H, 1, [&](int64_t b0, int64_t e) {
     std::vector<opmath_t> logit(A.ks * A.ks), acc(A.C), qf(A.C);
     for (int64_t n = b0; n < e; ++n) {
@@ -131,7 +102,7 @@ void forward_scalar(const NaArgs<scalar_t>& A, int64_t B) {
   });
 }
 
-#if defined(__AVX512F__)
+#if MMDAT_AVX512
 // ------------------------------------------------------------------------
 // float32 AVX-512 inference kernel, vectorised across queries: for a block
 // of 16 interior queries of one row (window start j - ks/2) and one key
@@ -382,115 +353,50 @@ void forward_f32_avx512(const NaArgs<float>& A, int64_t B) {
     }
   });
 }
-#endif  // __AVX512F__
+#endif  // MMDAT_AVX512
 
 template <typename scalar_t>
-NaArgs<scalar_t> make_args(const at::Tensor& q, const at::Tensor& k,
-                           const at::Tensor& v, const at::Tensor& rpb,
-                           at::Tensor& out, at::Tensor* attn, int64_t ks,
-                           double scale) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  return {View<const scalar_t>(q, q.const_data_ptr<scalar_t>()),
-          View<const scalar_t>(k, k.const_data_ptr<scalar_t>()),
-          View<const scalar_t>(v, v.const_data_ptr<scalar_t>()),
-          View<scalar_t>(out, out.mutable_data_ptr<scalar_t>()),
-          rpb.const_data_ptr<opmath_t>(),
-          attn ? attn->mutable_data_ptr<scalar_t>() : nullptr,
-          q.size(1), q.size(2), q.size(3), q.size(4), ks,
-          static_cast<opmath_t>(scale)};
+NaArgs<scalar_t> make_args(const NaForwardArgs& a) {
+  using opmath_t = acc_t<scalar_t>;
+  return {View<const scalar_t>(static_cast<const scalar_t*>(a.q), a.qs),
+          View<const scalar_t>(static_cast<const scalar_t*>(a.k), a.ks_),
+          View<const scalar_t>(static_cast<const scalar_t*>(a.v), a.vs),
+          View<scalar_t>(static_cast<scalar_t*>(a.out), a.os),
+          static_cast<const opmath_t*>(a.rpb),
+          static_cast<scalar_t*>(a.attn),
+          a.NH, a.H, a.W, a.C, a.ks,
+          static_cast<opmath_t>(a.scale)};
 }
 
-// Returns (out (B, h, H, W, c), attn (B, h, H, W, ks*ks)).
-std::tuple<at::Tensor, at::Tensor> na_forward(const at::Tensor& q_in,
-                                              const at::Tensor& k_in,
-                                              const at::Tensor& v_in,
-                                              const at::Tensor& rpb_in,
-                                              int64_t ks, double scale) {
-  check(q_in, k_in, v_in, rpb_in, ks);
-  auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  auto rpb = rpb_in.to(at::toOpMathType(q.scalar_type())).contiguous();
-  auto out = at::empty_like(q);
-  auto attn = at::empty({q.size(0), q.size(1), q.size(2), q.size(3), ks * ks},
-                        q.options());
-#if defined(__AVX512F__)
-  if (q.scalar_type() == at::kFloat && q.size(4) <= kMaxVecChannels &&
-      ks <= kMaxKernel) {
-    forward_f32_avx512(make_args<float>(q, k, v, rpb, out, &attn, ks, scale),
-                       q.size(0));
-    return {out, attn};
+// out (and attn, for training) of every query.
+void na_forward(const NaForwardArgs& a) {
+#if MMDAT_AVX512
+  if (a.dtype == Dtype::kFloat && a.C <= kMaxVecChannels &&
+      a.ks <= kMaxKernel) {
+    forward_f32_avx512(make_args<float>(a), a.B);
+    return;
   }
 #endif
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, q.scalar_type(), "na_forward", [&] {
-        forward_scalar(
-            make_args<scalar_t>(q, k, v, rpb, out, &attn, ks, scale),
-            q.size(0));
-      });
-  return {out, attn};
+  MMDAT_DISPATCH(a.dtype, [&] { forward_scalar(make_args<scalar_t>(a), a.B); });
 }
 
-// Returns out (B, h, H, W, c) only, laid out as (B, H, W, h, c) in memory
-// (the layout the projection takes). q, k, v may be strided views (e.g. of
-// the qkv projection) as long as channels are contiguous.
-at::Tensor na_forward_inference(const at::Tensor& q_in, const at::Tensor& k_in,
-                                const at::Tensor& v_in,
-                                const at::Tensor& rpb_in, int64_t ks,
-                                double scale) {
-  check(q_in, k_in, v_in, rpb_in, ks);
-  auto unit_c = [](const at::Tensor& t) {
-    return t.stride(4) == 1 ? t : t.contiguous();
-  };
-  auto q = unit_c(q_in), k = unit_c(k_in), v = unit_c(v_in);
-  auto rpb = rpb_in.to(at::toOpMathType(q.scalar_type())).contiguous();
-  auto out = at::empty({q.size(0), q.size(2), q.size(3), q.size(1), q.size(4)},
-                       q.options())
-                 .permute({0, 3, 1, 2, 4});
-#if defined(__AVX512F__)
-  if (q.scalar_type() == at::kFloat && q.size(4) <= kMaxVecChannels &&
-      ks <= kMaxKernel) {
-    forward_f32_avx512(make_args<float>(q, k, v, rpb, out, nullptr, ks, scale),
-                       q.size(0));
-    return out;
-  }
-#endif
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, q.scalar_type(), "na_forward_inference", [&] {
-        forward_scalar(
-            make_args<scalar_t>(q, k, v, rpb, out, nullptr, ks, scale),
-            q.size(0));
-      });
-  return out;
-}
-
-// Returns (dq, dk, dv, drpb).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na_backward(
-    const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in,
-    const at::Tensor& v_in, const at::Tensor& attn_in, int64_t ks,
-    double scale) {
-  auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  auto attn = attn_in.contiguous();
-  auto grad = grad_in.contiguous().to(q.scalar_type());
-  const int64_t B = q.size(0), NH = q.size(1), H = q.size(2), W = q.size(3),
-                C = q.size(4), KK = ks * ks, RW = 2 * ks - 1;
-  TORCH_CHECK(attn.numel() == B * NH * H * W * KK, "attn has the wrong size");
-  auto opt = q.options().dtype(at::toOpMathType(q.scalar_type()));
-  auto dq = at::empty({B, NH, H, W, C}, opt);
-  auto dk = at::zeros({B, NH, H, W, C}, opt);
-  auto dv = at::zeros({B, NH, H, W, C}, opt);
-  auto drpb = at::zeros({B, NH, RW, RW}, opt);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, q.scalar_type(), "na_backward", [&] {
-        using opmath_t = at::opmath_type<scalar_t>;
-        const scalar_t* qp = q.const_data_ptr<scalar_t>();
-        const scalar_t* kp = k.const_data_ptr<scalar_t>();
-        const scalar_t* vp = v.const_data_ptr<scalar_t>();
-        const scalar_t* ap = attn.const_data_ptr<scalar_t>();
-        const scalar_t* gp = grad.const_data_ptr<scalar_t>();
-        opmath_t* dqp = dq.mutable_data_ptr<opmath_t>();
-        opmath_t* dkp = dk.mutable_data_ptr<opmath_t>();
-        opmath_t* dvp = dv.mutable_data_ptr<opmath_t>();
-        opmath_t* drp = drpb.mutable_data_ptr<opmath_t>();
-        const opmath_t sc = static_cast<opmath_t>(scale);
+// Gradients (dq, dk, dv in the accumulation type; drpb per (b, head)).
+void na_backward(const NaBackwardArgs& args) {
+  const NaBackwardArgs& a = args;
+  const int64_t B = a.B, NH = a.NH, H = a.H, W = a.W, C = a.C, ks = a.ks,
+                KK = ks * ks, RW = 2 * ks - 1;
+  MMDAT_DISPATCH(args.dtype, [&] {
+        using opmath_t = acc_t<scalar_t>;
+        const scalar_t* qp = static_cast<const scalar_t*>(a.q);
+        const scalar_t* kp = static_cast<const scalar_t*>(a.k);
+        const scalar_t* vp = static_cast<const scalar_t*>(a.v);
+        const scalar_t* ap = static_cast<const scalar_t*>(a.attn);
+        const scalar_t* gp = static_cast<const scalar_t*>(a.grad);
+        opmath_t* dqp = static_cast<opmath_t*>(a.dq);
+        opmath_t* dkp = static_cast<opmath_t*>(a.dk);
+        opmath_t* dvp = static_cast<opmath_t*>(a.dv);
+        opmath_t* drp = static_cast<opmath_t*>(a.drpb);
+        const opmath_t sc = static_cast<opmath_t>(a.scale);
         // each (b, h) owns its slices of dk, dv and drpb: keys are shared
         // between the windows of neighbouring queries
         at::parallel_for(0, B * NH, 1, [&](int64_t b, int64_t e) {
@@ -544,27 +450,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na_backward(
           }
         });
       });
-  auto dt = q.scalar_type();
-  return {dq.to(dt), dk.to(dt), dv.to(dt), drpb.sum(0)};
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(mmdat, m) {
-  m.def(
-      "neighborhood_attention(Tensor q, Tensor k, Tensor v, Tensor rpb, "
-      "int ks, float scale) -> (Tensor, Tensor)");
-  m.def(
-      "neighborhood_attention_inference(Tensor q, Tensor k, Tensor v, "
-      "Tensor rpb, int ks, float scale) -> Tensor");
-  m.def(
-      "neighborhood_attention_backward(Tensor grad, Tensor q, Tensor k, "
-      "Tensor v, Tensor attn, int ks, float scale) -> "
-      "(Tensor, Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(mmdat, CPU, m) {
-  m.impl("neighborhood_attention", &na_forward);
-  m.impl("neighborhood_attention_inference", &na_forward_inference);
-  m.impl("neighborhood_attention_backward", &na_backward);
-}
