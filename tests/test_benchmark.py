@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 
 def test_deform_attention_both_modes(tmp_path):
@@ -28,3 +28,18 @@ def test_deform_attention_both_modes(tmp_path):
                 res['results']['reference']['time_s'])
         assert abs(ratio - want) < 1e-12
         assert f'time_fast/reference = {ratio:.3f}' in text
+
+
+def test_every_option_documented():
+    bench = load_script(ROOT / 'tools/analysis_tools/benchmark.py')
+    parser = bench.build_parser()
+    for action in parser._actions:
+        assert action.help, action.option_strings
+    text = parser.format_help()
+    for opt in ('--device', '--dtype', '--tf32', '--variants', '--target',
+                '--keep-going'):
+        assert opt in text
+    assert 'triton' in text and 'maskrcnn' in text
+    args = bench.parse_args(['--device', 'cpu', '--dtype', 'bf16',
+                             '--variants', 'triton,swin'])
+    assert (args.device, args.dtype, args.tf32) == ('cpu', 'bf16', False)

@@ -1,10 +1,14 @@
-"""CUDA paths (fused flex attention): exact against the reference, golden
-outputs, mixed precision. Skipped on machines without a GPU."""
+"""CUDA: the Triton kernels (what impl='auto' runs on a GPU) against float64
+references and the golden outputs, mixed precision, one compilation per
+configuration. Skipped on machines without a GPU (tests/test_triton.py
+checks the same kernels there under the Triton interpreter)."""
 import pytest
 import torch
 
 from conftest import TINY_ARCH, rel_err
 from mmdat.models import DAT
+from test_triton import (TOL, TOL_HALF, _check, _deformable_case,
+                         _golden_case, _module_case, _neighborhood_case)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -21,110 +25,110 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-@pytest.mark.parametrize('impl', ['auto', 'fast', 'reference'])
-def test_golden_on_cuda(golden, manifests, fill, impl):
-    arch = dict(golden['backbone']['official_kwargs'])
-    model = DAT(arch=arch, impl=impl).eval()
-    model.load_state_dict(fill.fill_official(
-        manifests['backbone/mini']['state_dict_shapes']))
-    model.cuda()
-    for case in golden['backbone']['cases']:
-        x = fill.make_input(case['input_shape'], case['input_seed']).cuda()
-        with torch.no_grad():
-            outs = model(x)
-        for out, ref in zip(outs, case['outputs']):
-            assert rel_err(out.cpu(), ref) <= 1e-4, (impl, case['input_shape'])
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+
+# (B, h, g, H, W, Ns, c, table, dtype, blocks, split): GPU block sizes
+# (None) unless stated; key counts that are not multiples of the blocks
+DA_CASES = {
+    'stage1_like': (1, 2, 1, 50, 76, 70, 32, (111, 111), F32, None, 512),
+    'groups_dim64': (2, 8, 4, 23, 31, 95, 64, (27, 27), F32, None, 512),
+    'dim128_no_split': (1, 2, 1, 9, 17, 33, 128, (13, 13), F32, None, 1),
+    'dim24_no_table': (1, 4, 2, 20, 1, 21, 24, None, F32, None, 512),
+    'bf16': (2, 4, 2, 25, 38, 100, 32, (55, 55), BF16, None, 512),
+    'fp16': (1, 2, 1, 25, 38, 100, 32, (55, 55), F16, None, 512),
+}
+NA_CASES = {
+    'k7': (2, 2, 20, 13, 32, 7, F32, None),
+    'k7_dim64': (1, 4, 9, 7, 64, 7, F32, None),
+    'k5_bf16': (1, 2, 16, 24, 32, 5, BF16, None),
+}
 
 
-def _pair():
-    torch.manual_seed(0)
-    flex = DAT(arch=TINY_ARCH, impl='flex').cuda()
-    ref = DAT(arch=TINY_ARCH, impl='reference').cuda()
-    ref.load_state_dict(flex.state_dict())
-    with torch.no_grad():  # non-trivial biases and offsets
-        for n, p in flex.named_parameters():
-            if n.endswith(('rpe_table', 'rpb')):
-                p.normal_()
-        ref.load_state_dict(flex.state_dict())
-    return flex, ref
+@pytest.mark.parametrize('name', list(DA_CASES))
+def test_deformable_triton_matches_float64(name):
+    args = DA_CASES[name]
+    res = _deformable_case(*args, device='cuda')
+    _check(res, TOL if args[8] == F32 else TOL_HALF)
 
 
-HW = [(64, 96), (45, 37), (8, 8), (1, 1), (33, 5)]
+@pytest.mark.parametrize('table_grad', ['rows', 'atomics'])
+def test_deformable_table_gradient_paths(table_grad):
+    from mmdat.ops.deformable_attention import triton as da
+    da.TABLE_GRAD = table_grad
+    try:
+        res = _deformable_case(1, 2, 1, 40, 60, 50, 32, (27, 27), F32, None,
+                               512, device='cuda')
+    finally:
+        da.TABLE_GRAD = None
+    _check(res, TOL)
+    assert f'table_grad_{table_grad}' in da.LAUNCHES
 
 
-@pytest.mark.parametrize('hw', HW)
-def test_flex_forward_equals_reference_fp32(hw):
-    flex, ref = _pair()
-    x = torch.randn(2, 3, *hw, device='cuda')
-    with torch.no_grad():
-        for a, b in zip(flex(x), ref(x)):
-            assert rel_err(a, b) <= 1e-4
+@pytest.mark.parametrize('name', list(NA_CASES))
+def test_neighborhood_triton_matches_float64(name):
+    args = NA_CASES[name]
+    res = _neighborhood_case(*args, device='cuda')
+    _check(res, TOL if args[6] == F32 else TOL_HALF)
 
 
-def test_auto_is_flex_for_cuda_inference_only():
-    from mmdat.models.attentions.common import resolve_impl
-    x = torch.zeros(1, device='cuda')
-    with torch.no_grad():
-        assert resolve_impl('auto', x) == 'flex'
-    assert resolve_impl('auto', x) == 'fast'
+@pytest.mark.parametrize('kind', ['deformable', 'neighborhood'])
+def test_module_triton_matches_float64(kind):
+    _check(_module_case(kind, 'cuda'), TOL)
 
 
-def _grads(model, x):
-    x = x.clone().requires_grad_()
-    outs = model(x)
-    outs = outs if isinstance(outs, (list, tuple)) else [outs]
-    sum((o * o).mean() for o in outs).backward()
-    return outs, x.grad
+@pytest.mark.parametrize('impl', ['auto', 'triton', 'reference'])
+def test_golden_on_cuda_fp32(impl):
+    res = _golden_case('cuda', impl=impl)
+    if impl != 'reference':
+        assert 'deformable_attention:triton' in res['chosen'], res['chosen']
+        assert 'neighborhood_attention:triton' in res['chosen'], \
+            res['chosen']
+    _check(res, 1e-4)
 
 
-def _assert_grads_close(flex, ref, x):
-    of, xf = _grads(flex, x)
-    orf, xr = _grads(ref, x)
-    for a, b in zip(of, orf):
-        assert rel_err(a, b) <= 1e-4
-    assert rel_err(xf, xr) <= 1e-3
-    floor = max(float(p.grad.abs().max()) for p in ref.parameters())
-    for (n, pf), (_, pr) in zip(flex.named_parameters(),
-                                ref.named_parameters()):
-        scale = max(float(pr.grad.abs().max()), floor)
-        assert float((pf.grad - pr.grad).abs().max()) <= 1e-3 * scale, n
+@pytest.mark.parametrize('impl', ['auto', 'triton'])
+def test_golden_on_cuda_bf16(impl):
+    _check(_golden_case('cuda', autocast=BF16, impl=impl), 5e-2)
 
 
-# key counts 96 and 120: not multiples of flex's 128-key blocks
-@pytest.mark.parametrize('kind,args,shape', [
-    ('deformable', (32, 2, 1, 8, 9, 8), (2, 32, 64, 96)),
-    ('deformable', (64, 4, 2, 4, 5, 16), (2, 64, 45, 37)),
-    ('neighborhood', (32, 2), (2, 32, 20, 13)),
-])
-def test_flex_module_grads_equal_reference_fp32(kind, args, shape):
-    from mmdat.models.attentions import (DeformableAttention,
-                                         NeighborhoodAttention)
-    cls = dict(deformable=DeformableAttention,
-               neighborhood=NeighborhoodAttention)[kind]
-    torch.manual_seed(0)
-    flex, ref = cls(*args, impl='flex').cuda(), cls(*args,
-                                                    impl='reference').cuda()
-    with torch.no_grad():
-        for n, p in flex.named_parameters():
-            if n.endswith(('rpe_table', 'rpb')):
-                p.normal_()
-    ref.load_state_dict(flex.state_dict())
-    _assert_grads_close(flex, ref, torch.randn(*shape, device='cuda'))
+def test_auto_is_triton_for_training_and_inference():
+    from mmdat.ops import dispatch
+    model = DAT(arch=TINY_ARCH).cuda()
+    x = torch.randn(1, 3, 64, 64, device='cuda')
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), dispatch.recording() as chosen:
+            model(x)
+        impls = {(op, impl) for _, op, _, impl, _ in chosen
+                 if op.endswith('_attention')}
+        assert impls == {('deformable_attention', 'triton'),
+                         ('neighborhood_attention', 'triton')}, (grad, impls)
 
 
-@pytest.mark.xfail(reason='the whole-backbone flex backward did not match '
-                   'the reference on an H100 with torch 2.11 (session 2) '
-                   'although each module does (session 3), and was not '
-                   'rerun; auto does not use flex for training',
-                   strict=False)
-@pytest.mark.parametrize('hw', HW[:2])
-def test_flex_grads_equal_reference_fp32(hw):
-    flex, ref = _pair()
-    _assert_grads_close(flex, ref, torch.randn(2, 3, *hw, device='cuda'))
+def test_compiles_once_per_configuration():
+    """A second input size reuses the kernels compiled for the first."""
+    from mmdat.ops.deformable_attention import triton as da
+    from mmdat.ops.neighborhood_attention import triton as na
+    kernels = [da._da_fwd, da._da_bwd_dq, da._da_bwd_dkdv, na._na_fwd,
+               na._na_bwd_dq, na._na_bwd_dkdv]
+
+    def compiled():
+        caches = [getattr(k, 'device_caches', None) for k in kernels]
+        if any(c is None for c in caches):
+            pytest.skip('this triton keeps no device_caches')
+        return [sum(len(v[0]) for v in c.values()) for c in caches]
+
+    _deformable_case(1, 2, 1, 17, 23, 40, 32, (13, 13), F32, None, 512,
+                     device='cuda')
+    _neighborhood_case(1, 2, 11, 13, 32, 7, F32, None, device='cuda')
+    first = compiled()
+    _deformable_case(2, 2, 1, 30, 41, 77, 32, (13, 13), F32, None, 512,
+                     device='cuda')
+    _neighborhood_case(2, 2, 19, 8, 32, 7, F32, None, device='cuda')
+    assert compiled() == first
 
 
-@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize('impl', ['auto', 'flex', 'fast'])
+@pytest.mark.parametrize('dtype', [BF16, F16])
+@pytest.mark.parametrize('impl', ['auto', 'triton'])
 def test_autocast_finite_and_close(dtype, impl):
     torch.manual_seed(0)
     model = DAT(arch=TINY_ARCH, impl=impl).cuda()

@@ -112,32 +112,32 @@ def _neighborhood_ref(q, k, v, rpb, ks, scale):
     return out
 
 
-def _compare(fn, ref, inputs, names, dtype, seed):
-    """Run ``fn`` on ``inputs`` (cast to ``dtype`` where floating, the
-    positions and tables kept float32) and ``ref`` on float64 copies; errors
-    of the output and of every input gradient."""
+def _compare(fn, ref, inputs, names, dtype, seed, device='cpu'):
+    """Run ``fn`` on ``inputs`` (on ``device``, cast to ``dtype`` where
+    floating, the positions and tables kept float32) and ``ref`` on float64
+    CPU copies; errors of the output and of every input gradient."""
     import torch
     torch.manual_seed(seed)
     ours = [None if t is None else
-            (t.to(dtype) if i < 3 else t.float()).requires_grad_()
-            for i, t in enumerate(inputs)]
-    theirs = [None if t is None else t.detach().double().requires_grad_()
-              for t in ours]
+            (t.to(device, dtype) if i < 3 else t.to(device, torch.float32)
+             ).requires_grad_() for i, t in enumerate(inputs)]
+    theirs = [None if t is None else
+              t.detach().cpu().double().requires_grad_() for t in ours]
     out = fn(*ours)
     grad = torch.randn(out.shape, dtype=torch.float64)
-    out.backward(grad.to(out.dtype))
+    out.backward(grad.to(out.device, out.dtype))
     expect = ref(*theirs)
     expect.backward(grad)
-    errs = {'out': _rel(out.detach(), expect.detach()),
+    errs = {'out': _rel(out.detach().cpu(), expect.detach()),
             'out_dtype_ok': float(out.dtype == dtype)}
     for name, a, b in zip(names, ours, theirs):
         if a is not None and (a.grad is not None or b.grad is not None):
-            errs[f'd{name}'] = _rel(a.grad, b.grad)
+            errs[f'd{name}'] = _rel(a.grad.cpu(), b.grad)
     return errs
 
 
 def _deformable_case(B, h, g, H, W, Ns, c, table, dtype, blocks, split,
-                     seed=0):
+                     seed=0, device='cpu'):
     import torch
 
     from mmdat.ops.deformable_attention import triton as da
@@ -161,12 +161,13 @@ def _deformable_case(B, h, g, H, W, Ns, c, table, dtype, blocks, split,
             lambda q, k, v, p, t: _deformable_ref(q, k, v, p, t, H, W,
                                                   c ** -0.5),
             (q, k, v, pos, tab), ('q', 'k', 'v', 'pos', 'table'), dtype,
-            seed)
+            seed, device)
     finally:
         da.BLOCK_OVERRIDE, da._MIN_PROGRAMS = None, 512
 
 
-def _neighborhood_case(B, h, H, W, c, ks, dtype, blocks, bias=True, seed=0):
+def _neighborhood_case(B, h, H, W, c, ks, dtype, blocks, bias=True, seed=0,
+                       device='cpu'):
     import torch
 
     from mmdat.ops.deformable_attention import triton as da
@@ -183,7 +184,7 @@ def _neighborhood_case(B, h, H, W, c, ks, dtype, blocks, bias=True, seed=0):
             lambda q, k, v, r: na.neighborhood_attention_triton(
                 q, k, v, r, kernel_size=ks, scale=c ** -0.5),
             lambda q, k, v, r: _neighborhood_ref(q, k, v, r, ks, c ** -0.5),
-            (q, k, v, rpb), ('q', 'k', 'v', 'rpb'), dtype, seed)
+            (q, k, v, rpb), ('q', 'k', 'v', 'rpb'), dtype, seed, device)
     finally:
         da.BLOCK_OVERRIDE = None
 
@@ -249,26 +250,31 @@ def _module_pair(kind):
     return ours, ref, x
 
 
-def _module_case(kind):
+def _module_case(kind, device='cpu'):
     from mmdat.ops.deformable_attention import triton as da
     ours, ref, x = _module_pair(kind)
+    ours = ours.to(device)
     before = sum(da.LAUNCHES.values())
-    xo = x.clone().requires_grad_()
+    xo = x.to(device).requires_grad_()
     xr = x.double().requires_grad_()
     out, expect = ours(xo), ref(xr)
-    g = out.detach().double().normal_()
-    out.backward(g.float())
+    g = expect.detach().clone().normal_()
+    out.backward(g.to(device, out.dtype))
     expect.backward(g)
-    errs = {'out': _rel(out.detach(), expect.detach()),
-            'dx': _rel(xo.grad, xr.grad),
+    errs = {'out': _rel(out.detach().cpu(), expect.detach()),
+            'dx': _rel(xo.grad.cpu(), xr.grad),
             'launches': sum(da.LAUNCHES.values()) - before}
     for (n, a), (_, b) in zip(ours.named_parameters(),
                               ref.named_parameters()):
-        errs[f'd{n}'] = _rel(a.grad, b.grad)
+        errs[f'd{n}'] = _rel(a.grad.cpu(), b.grad)
     return errs
 
 
-def _golden_case():
+def _golden_case(device='cpu', autocast=None, impl='triton'):
+    """The mini backbone with golden weights against the official outputs
+    (the smallest golden input; all of them on a GPU)."""
+    import contextlib
+
     import torch
 
     from mmdat.models import DAT
@@ -280,18 +286,26 @@ def _golden_case():
     with open(DATA / 'manifests.json') as f:
         shapes = json.load(f)['backbone/mini']['state_dict_shapes']
     arch = dict(golden['backbone']['official_kwargs'])
-    model = DAT(arch=arch, out_indices=(0, 1, 2, 3), impl='triton').eval()
+    model = DAT(arch=arch, out_indices=(0, 1, 2, 3), impl=impl).eval()
     model.load_state_dict(fill.fill_official(
         shapes, seed=golden['backbone']['fill_seed']))
-    case = min(golden['backbone']['cases'],
-               key=lambda c: c['input_shape'][2] * c['input_shape'][3])
-    x = fill.make_input(case['input_shape'], case['input_seed'])
-    with torch.no_grad(), dispatch.recording() as chosen:
-        outs = model(x)
-    errs = {f'out{i}': _rel(o, r) for i, (o, r) in
-            enumerate(zip(outs, case['outputs']))}
+    model.to(device)
+    cases = golden['backbone']['cases']
+    if device == 'cpu':  # the interpreter is slow: the smallest input
+        cases = [min(cases, key=lambda c: c['input_shape'][2] *
+                     c['input_shape'][3])]
+    amp = (torch.autocast(device, dtype=autocast) if autocast
+           else contextlib.nullcontext())
+    errs = {}
+    with torch.no_grad(), dispatch.recording() as chosen, amp:
+        for case in cases:
+            x = fill.make_input(case['input_shape'], case['input_seed'])
+            outs = model(x.to(device))
+            tag = 'x'.join(map(str, case['input_shape']))
+            errs.update({f'out{i}_{tag}': _rel(o.float().cpu(), r)
+                         for i, (o, r) in enumerate(zip(outs,
+                                                        case['outputs']))})
     errs['chosen'] = sorted({f'{op}:{impl}' for _, op, _, impl, _ in chosen})
-    errs['input_shape'] = list(case['input_shape'])
     return errs
 
 
