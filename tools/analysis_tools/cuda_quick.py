@@ -1,8 +1,9 @@
-"""Quick CUDA check of the flex path against the reference, fp32: outputs and
-every gradient, per tensor, for single deformable-attention modules (key
-counts that are and are not a multiple of flex's block size), for single
-neighborhood-attention modules, and for a tiny backbone (the slow part: flex
-compiles once per block shape)."""
+"""Quick CUDA check of one attention implementation (``--impl``, default
+triton) against the reference, fp32 with TF32 off: outputs and every
+gradient, per tensor, for single deformable-attention modules (key counts
+that are and are not a multiple of the kernels' block sizes), for single
+neighborhood-attention modules, and for a tiny backbone. Prints one line per
+case; tests/test_cuda.py holds the asserted version of these checks."""
 import argparse
 import time
 from functools import partial
@@ -10,16 +11,15 @@ from functools import partial
 import torch
 
 from mmdat.models import DAT
-from mmdat.models.attentions.deformable import DeformableAttention
-from mmdat.models.attentions.neighborhood import NeighborhoodAttention
+from mmdat.models.attentions import DeformableAttention, NeighborhoodAttention
 
 ARCH = dict(dim_stem=16, dims=[16, 32, 64, 64], depths=[2, 2, 2, 1],
             stage_spec=[['N', 'D'], ['D', 'N'], ['N', 'D'], ['D']],
             heads=[1, 2, 4, 4], groups=[1, 1, 2, 2])
 # (channels, heads, groups, stride, offset kernel, rpe size, H, W)
-DA_MODULES = [(32, 2, 1, 8, 9, 8, 64, 96),   # 96 keys: not a multiple of 128
-           (32, 2, 1, 2, 3, 8, 32, 32),   # 256 keys
-           (64, 4, 2, 4, 5, 16, 45, 37)]  # 120 keys, odd sizes, 2 groups
+DA_MODULES = [(32, 2, 1, 8, 9, 8, 64, 96),   # 96 keys: not a multiple of 64
+              (32, 2, 1, 2, 3, 8, 32, 32),   # 256 keys
+              (64, 4, 2, 4, 5, 16, 45, 37)]  # 120 keys, odd sizes, 2 groups
 
 # (channels, heads, H, W) of neighborhood attention
 NA_MODULES = [(32, 2, 20, 13), (64, 4, 7, 9)]
@@ -29,13 +29,14 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-def compare(flex: torch.nn.Module, ref: torch.nn.Module, x: torch.Tensor,
+def compare(ours: torch.nn.Module, ref: torch.nn.Module, x: torch.Tensor,
             tag: str) -> float:
+    # ``ours``: the implementation under test
     """Forward + backward of both; prints the relative error of the outputs,
     the input gradient and each parameter gradient; returns the worst."""
     t = time.time()
     xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
-    of, orf = flex(xf), ref(xr)
+    of, orf = ours(xf), ref(xr)
     of = of if isinstance(of, (list, tuple)) else [of]
     orf = orf if isinstance(orf, (list, tuple)) else [orf]
     sum((o * o).mean() for o in of).backward()
@@ -45,7 +46,7 @@ def compare(flex: torch.nn.Module, ref: torch.nn.Module, x: torch.Tensor,
     errs['x.grad'] = rel(xf.grad, xr.grad)
     floor = max(float(p.grad.abs().max()) for p in ref.parameters()
                 if p.grad is not None)
-    for (n, pf), (_, pr) in zip(flex.named_parameters(),
+    for (n, pf), (_, pr) in zip(ours.named_parameters(),
                                 ref.named_parameters()):
         if pr.grad is None:
             continue
@@ -70,7 +71,11 @@ def randomise_biases(model: torch.nn.Module) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument('--only', choices=['da', 'na', 'backbone'])
+    parser.add_argument('--only', choices=['da', 'na', 'backbone'],
+                        help='run only these cases (default: all)')
+    parser.add_argument('--impl', default='triton',
+                        help='implementation checked against the reference '
+                        '(default: triton)')
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -86,18 +91,18 @@ def main() -> None:
                   for C, h, g, r, ks, rpe, H, W in DA_MODULES]
     for tag, make, shape in cases:
         torch.manual_seed(0)
-        flex, ref = make(impl='flex').cuda(), make(impl='reference').cuda()
-        randomise_biases(flex)
-        ref.load_state_dict(flex.state_dict())
-        compare(flex, ref, torch.randn(*shape, device='cuda'), tag)
+        ours, ref = make(impl=args.impl).cuda(), make(impl='reference').cuda()
+        randomise_biases(ours)
+        ref.load_state_dict(ours.state_dict())
+        compare(ours, ref, torch.randn(*shape, device='cuda'), tag)
     if args.only not in (None, 'backbone'):
         return
     torch.manual_seed(0)
-    flex = DAT(arch=ARCH, impl='flex').cuda()
-    randomise_biases(flex)
+    ours = DAT(arch=ARCH, impl=args.impl).cuda()
+    randomise_biases(ours)
     ref = DAT(arch=ARCH, impl='reference').cuda()
-    ref.load_state_dict(flex.state_dict())
-    compare(flex, ref, torch.randn(2, 3, 64, 96, device='cuda'),
+    ref.load_state_dict(ours.state_dict())
+    compare(ours, ref, torch.randn(2, 3, 64, 96, device='cuda'),
             'backbone 2x3x64x96')
 
 
