@@ -255,7 +255,7 @@ def _module_case(kind, device='cpu'):
     ours, ref, x = _module_pair(kind)
     ours = ours.to(device)
     before = sum(da.LAUNCHES.values())
-    xo = x.to(device).requires_grad_()
+    xo = x.clone().to(device).requires_grad_()
     xr = x.double().requires_grad_()
     out, expect = ours(xo), ref(xr)
     g = expect.detach().clone().normal_()
@@ -264,9 +264,14 @@ def _module_case(kind, device='cpu'):
     errs = {'out': _rel(out.detach().cpu(), expect.detach()),
             'dx': _rel(xo.grad.cpu(), xr.grad),
             'launches': sum(da.LAUNCHES.values()) - before}
+    # a gradient that is zero in exact arithmetic (proj_k's bias: it shifts
+    # every key's logit of a query alike) is compared with the largest
+    floor = 1e-2 * max(float(p.grad.abs().max()) for p in ref.parameters())
     for (n, a), (_, b) in zip(ours.named_parameters(),
                               ref.named_parameters()):
-        errs[f'd{n}'] = _rel(a.grad.cpu(), b.grad)
+        scale = max(float(b.grad.abs().max()), floor)
+        errs[f'd{n}'] = float((a.grad.cpu().double() - b.grad).abs().max()
+                              ) / scale
     return errs
 
 
@@ -437,8 +442,9 @@ def test_backbone_triton_matches_golden(model_results):
     _check(res, 1e-4)
     assert 'deformable_attention:triton' in res['chosen'], res['chosen']
     assert 'neighborhood_attention:triton' in res['chosen'], res['chosen']
-    assert res['launched'].get('deformable_forward', 0) >= 7
-    assert res['launched'].get('neighborhood_forward', 0) >= 3
+    # the mini arch has 4 deformable and 3 neighborhood blocks
+    assert res['launched'].get('deformable_forward', 0) == 4
+    assert res['launched'].get('neighborhood_forward', 0) == 3
 
 
 def test_can_run_reasons_without_interpreter():
