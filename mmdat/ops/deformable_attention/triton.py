@@ -79,13 +79,14 @@ def can_run_triton(ctx) -> Optional[str]:
 
 
 def _blocks(c: int, dtype: torch.dtype, backward: bool) -> Tuple[int, int]:
+    """``(BLOCK_M, BLOCK_N)``. Chosen, not tuned (no GPU measured them
+    yet): the bias keeps several (queries x keys) tiles alive (corners,
+    fractions), the backward more, so its key blocks are smaller."""
     if BLOCK_OVERRIDE is not None:
         return BLOCK_OVERRIDE
     if c > 64:
         return (64, 32) if not backward else (32, 32)
-    if backward and dtype == torch.float32:
-        return 64, 32
-    return 64, 64
+    return (64, 32) if backward else (64, 64)
 
 
 def _block_d(c: int) -> int:
@@ -104,8 +105,12 @@ def _reduce_rows(H: int, W: int, Tx: int, block_m: int) -> bool:
     return block_m * step + 2 * rows_per_tile <= 24
 
 
-def _num_warps(block_m: int, block_d: int) -> int:
-    return 8 if block_m * block_d >= 64 * 128 else 4
+def _num_warps(block_m: int, block_n: int, block_d: int,
+               backward: bool) -> int:
+    # registers: (queries x keys) tiles of the bias and of the softmax
+    # gradient, plus the (rows x head dim) accumulators
+    work = block_m * block_n * (3 if backward else 1) + block_m * block_d
+    return 8 if work >= 64 * 64 * 2 else 4
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -477,7 +482,7 @@ class _DeformableAttentionTriton(torch.autograd.Function):
             HAS_BIAS=has_bias, PREC=_precision(q.dtype),
             UPCAST=_upcast(q.dtype), BLOCK_M=block_m,
             BLOCK_N=block_n, BLOCK_D=block_d,
-            num_warps=_num_warps(block_m, block_d))
+            num_warps=_num_warps(block_m, block_n, block_d, False))
         LAUNCHES['deformable_forward'] += 1
         ctx.save_for_backward(q, k, v, pos, table, out, lse)
         ctx.args = (H, W, scale, Ty, Tx)
@@ -507,7 +512,7 @@ class _DeformableAttentionTriton(torch.autograd.Function):
         meta = dict(HAS_BIAS=has_bias, PREC=_precision(q.dtype),
             UPCAST=_upcast(q.dtype),
                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                    num_warps=_num_warps(max(block_m, block_n), block_d))
+                    num_warps=_num_warps(block_m, block_n, block_d, True))
         _da_bwd_dq[(triton.cdiv(M, block_m), B * h)](
             q, k, v, pos, tab, do, lse, delta, dq, *common,
             h, h // g, M, Ns, W, c, *geo, scale * 1.4426950408889634, scale,
