@@ -34,6 +34,13 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+# run from a checkout without installing it (the spawned measuring
+# processes inherit sys.path)
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
 # auto: what the dispatcher picks (fused CPU kernels on CPU, Triton on
 # CUDA); fast: old name of auto; the others force one implementation of both
 # attention ops (mmdat.ops); swin: mmdet's Swin-T in place of DAT.
@@ -137,7 +144,8 @@ def _build_maskrcnn(variant: str, config: Optional[str]):
     from mmdet.utils import register_all_modules
     import mmdat  # noqa: F401
     register_all_modules(init_default_scope=True)
-    cfg = Config.fromfile(config or 'configs/mmdet/mask_rcnn_dat_pp_t_1x.py')
+    cfg = Config.fromfile(config or os.path.join(
+        _ROOT, 'configs/mmdet/mask_rcnn_dat_pp_t_1x.py'))
     model = cfg.model
     if variant == 'swin':
         model.backbone = dict(SWIN_T)
