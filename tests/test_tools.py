@@ -692,6 +692,9 @@ def test_test_demo_show_dir(kind, demo_data, tmp_path_factory, tmp_path):
     assert DEMO[kind]['metric'] in out
     images = _images(str(show_dir))
     assert images, f'no images in {show_dir}:\n{out[-3000:]}'
+    # in the directory given itself, for all three libraries
+    assert all(osp.dirname(p) == str(show_dir) for p in images), images[:5]
+    assert not _images(str(tmp_path / 'test_work'))
 
 
 def _free_port():
@@ -786,10 +789,10 @@ def test_resume(how, demo_data, tmp_path):
 @needs_stack
 def test_mim_train_and_test_det(demo_data, tmp_path):
     """``mim train/test mmdet`` run the *installed mmdet's* tools with our
-    config (``custom_imports=['mmdat']``; mmdat must be importable, here via
-    PYTHONPATH). Testing a checkpoint the runner wrote needs the
-    torch >= 2.6 checkpoint loader, installed when ``mmdat`` imports
-    ``mmdat.apis``."""
+    config (``custom_imports=['mmdat', 'mmdat.engine']``; mmdat must be
+    importable, here via PYTHONPATH). Testing a checkpoint the runner wrote
+    needs the torch >= 2.6 checkpoint loader of ``mmdat.engine``, which the
+    demo config opts into."""
     mim = Path(PY).parent / 'mim'
     if not mim.exists():
         pytest.skip('openmim is not installed')
@@ -808,8 +811,8 @@ def test_mim_train_and_test_det(demo_data, tmp_path):
     ])
     assert 'Weights only load failed' not in out.stdout, (
         'mim test cannot load a checkpoint written by the runner under '
-        'torch >= 2.6: mmdat/__init__.py must import mmdat.apis (it installs '
-        "mmdat's checkpoint loader)")
+        "torch >= 2.6: the config's custom_imports must list mmdat.engine "
+        "(it installs mmdat's checkpoint loader)")
     assert re.search(r'coco/bbox_mAP: \d', _check(out))
 
 
