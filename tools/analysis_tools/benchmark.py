@@ -107,6 +107,9 @@ def mmcv_ops_fallback(force: bool = False) -> bool:
         return torchvision.ops.nms(boxes, scores, float(iou_threshold))
 
     def missing(name):
+        if name.startswith('__'):
+            raise AttributeError(name)
+
         def op(*args, **kwargs):
             raise NotImplementedError(f'mmcv op {name}: mmcv has no compiled '
                                       'ops here (benchmark fallback)')
