@@ -83,57 +83,85 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+# mmcv's compiled extension, as far as a Mask R-CNN iteration needs it
+# (nms, RoIAlign), on torchvision; any other op raises when called. For
+# mmcv-lite, as carried to a GPU machine whose torch no mmcv wheel is built
+# for. Benchmarks only.
+MMCV_EXT_STANDIN = '''"""Stand-in for mmcv._ext (mmcv-lite): nms and RoIAlign on torchvision,
+any other op raises. Written by tools/analysis_tools/benchmark.py; benchmarks
+only."""
+import torch
+import torchvision
+
+
+def nms(boxes, scores, iou_threshold, offset=0):
+    if offset:
+        raise NotImplementedError('nms with offset (mmcv._ext stand-in)')
+    return torchvision.ops.nms(boxes, scores, float(iou_threshold))
+
+
+def _check(pool_mode):
+    if pool_mode != 1:
+        raise NotImplementedError('RoIAlign max pooling (mmcv._ext stand-in)')
+
+
+def roi_align_forward(input, rois, output, argmax_y, argmax_x, *,
+                      aligned_height, aligned_width, spatial_scale,
+                      sampling_ratio, pool_mode, aligned):
+    _check(pool_mode)
+    output.copy_(torchvision.ops.roi_align(
+        input, rois.to(input.dtype), (aligned_height, aligned_width),
+        spatial_scale, sampling_ratio, aligned))
+
+
+def roi_align_backward(grad_output, rois, argmax_y, argmax_x, grad_input, *,
+                       aligned_height, aligned_width, spatial_scale,
+                       sampling_ratio, pool_mode, aligned):
+    # RoIAlign is linear in its input: its vector-Jacobian product at zero
+    _check(pool_mode)
+    with torch.enable_grad():
+        x = torch.zeros_like(grad_input, requires_grad=True)
+        y = torchvision.ops.roi_align(
+            x, rois.to(x.dtype), (aligned_height, aligned_width),
+            spatial_scale, sampling_ratio, aligned)
+        grad_input.copy_(torch.autograd.grad(y, x, grad_output.to(y.dtype))[0])
+
+
+def __getattr__(name):
+    if name.startswith('__'):
+        raise AttributeError(name)
+
+    def op(*args, **kwargs):
+        raise NotImplementedError(f'mmcv op {name}: no compiled mmcv ops '
+                                  'here (mmcv._ext stand-in)')
+    return op
+'''
+
+
+def write_mmcv_ext_standin(path: str) -> None:
+    """Write :data:`MMCV_EXT_STANDIN` as ``mmcv/_ext.py`` of an mmcv-lite
+    install (``path``), so that every process imports ``mmcv.ops``."""
+    with open(path, 'w') as f:
+        f.write(MMCV_EXT_STANDIN)
+
+
 def mmcv_ops_fallback(force: bool = False) -> bool:
-    """Make ``mmcv.ops`` importable without mmcv's compiled extension
-    (mmcv-lite, as carried to a GPU machine whose torch no mmcv wheel is
-    built for): ``nms`` and ``RoIAlign``/``roi_align`` -- all that a Mask
-    R-CNN iteration calls -- run on torchvision, any other op raises.
-    Benchmarks only. Returns whether it was installed."""
-    import importlib
+    """Install :data:`MMCV_EXT_STANDIN` as ``mmcv._ext`` in this process
+    when mmcv has no compiled extension (or ``force``). Returns whether it
+    was installed."""
     import importlib.util
     import types
+    if importlib.util.find_spec('mmcv') is None:
+        return False
     try:
-        have = importlib.util.find_spec('mmcv') is not None and (
-            importlib.util.find_spec('mmcv._ext') is not None)
+        have = importlib.util.find_spec('mmcv._ext') is not None
     except (ImportError, ValueError):
         have = False
-    if (have and not force) or importlib.util.find_spec('mmcv') is None:
+    if have and not force:
         return False
-    import torchvision
-
-    def nms(boxes, scores, iou_threshold, offset=0):
-        if offset:
-            raise NotImplementedError('nms with offset (mmcv-lite fallback)')
-        return torchvision.ops.nms(boxes, scores, float(iou_threshold))
-
-    def missing(name):
-        if name.startswith('__'):
-            raise AttributeError(name)
-
-        def op(*args, **kwargs):
-            raise NotImplementedError(f'mmcv op {name}: mmcv has no compiled '
-                                      'ops here (benchmark fallback)')
-        return op
-
     ext = types.ModuleType('mmcv._ext')
-    ext.nms = nms
-    ext.__getattr__ = missing  # PEP 562: every other op name "exists"
+    exec(compile(MMCV_EXT_STANDIN, 'mmcv_ext_standin', 'exec'), ext.__dict__)
     sys.modules['mmcv._ext'] = ext
-    mod = importlib.import_module('mmcv.ops.roi_align')
-    ops = importlib.import_module('mmcv.ops')
-
-    def roi_align(input, rois, output_size, spatial_scale=1.0,
-                  sampling_ratio=0, pool_mode='avg', aligned=True):
-        if pool_mode != 'avg':
-            raise NotImplementedError('roi_align max pooling (fallback)')
-        return torchvision.ops.roi_align(input, rois.to(input.dtype),
-                                         output_size, spatial_scale,
-                                         sampling_ratio, aligned)
-
-    mod.roi_align = ops.roi_align = roi_align
-    mod.RoIAlign.forward = lambda self, input, rois: roi_align(
-        input, rois, self.output_size, self.spatial_scale,
-        self.sampling_ratio, self.pool_mode, self.aligned)
     return True
 
 

@@ -60,6 +60,12 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --upgrade --target "$SITE" .whl/*.whl 2>&1 | grep -v -i warn | tail -3
   export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  if [ -d "$SITE/mmcv" ] && ! ls "$SITE"/mmcv/_ext*.so >/dev/null 2>&1; then
+    # mmcv-lite: nms/RoIAlign on torchvision so that mmdet imports and a
+    # Mask R-CNN iteration runs (benchmark.py's stand-in; benchmarks only)
+    "$PY" -c 'import sys; sys.path.insert(0, "tools/analysis_tools")
+import benchmark; benchmark.write_mmcv_ext_standin(sys.argv[1])' "$SITE/mmcv/_ext.py"
+  fi
 else
   export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 fi
