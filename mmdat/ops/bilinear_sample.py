@@ -61,14 +61,15 @@ def gather_impl(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     wx = torch.stack([x1 - ux, ux - x0])
     ys = torch.stack([y0, y1])
     xs = torch.stack([x0, x1])
-    # zero padding: a corner outside the map gets weight 0 and any index
-    # inside it (clamped), so one gather serves all four corners
+    # zero padding: a corner outside the map gets weight 0 and index 0, so
+    # one gather serves all four corners and never reads out of range; a
+    # NaN/inf position gives NaN weights (a NaN output, as grid_sample)
     vy = (ys >= 0) & (ys <= H - 1)
     vx = (xs >= 0) & (xs <= W - 1)
     wy = wy * vy.to(dtype)
     wx = wx * vx.to(dtype)
-    iy = ys.clamp(0, H - 1).long()
-    ix = xs.clamp(0, W - 1).long()
+    iy = torch.where(vy, ys, 0).long()
+    ix = torch.where(vx, xs, 0).long()
     # corners in the order (y0,x0), (y0,x1), (y1,x0), (y1,x1)
     idx = (iy[:, None] * W + ix[None, :]).reshape(4, N, Hk * Wk)
     weight = (wy[:, None] * wx[None, :]).reshape(4, N, 1, Hk * Wk)
