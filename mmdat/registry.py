@@ -19,7 +19,9 @@ def register_models() -> List[str]:
                     lib, f'{lib}.registry'):
                 warnings.warn(f'mmdat: could not register DAT in {lib}: {exc}')
             continue
-        if registry.get('DAT') is not DAT:
+        # module_dict, not registry.get(): get() imports the library's
+        # model zoo (its `locations`) first, which `import mmdat` must not
+        if registry.module_dict.get('DAT') is not DAT:
             registry.register_module(name='DAT', module=DAT, force=True)
         done.append(lib)
     return done
