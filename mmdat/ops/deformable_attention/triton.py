@@ -549,6 +549,8 @@ class _DeformableAttentionTriton(torch.autograd.Function):
                 None)
 
 
+# under torch.compile the kernels run eagerly (a graph break), not traced
+@torch.compiler.disable
 def deformable_attention_triton(q: torch.Tensor, k: torch.Tensor,
                                 v: torch.Tensor, pos: torch.Tensor,
                                 table: Optional[torch.Tensor], *, H: int,

@@ -310,6 +310,8 @@ class _NeighborhoodAttentionTriton(torch.autograd.Function):
         return dq, dk, dv, grad_rpb, None, None
 
 
+# under torch.compile the kernels run eagerly (a graph break), not traced
+@torch.compiler.disable
 def neighborhood_attention_triton(q: torch.Tensor, k: torch.Tensor,
                                   v: torch.Tensor,
                                   rpb: Optional[torch.Tensor], *,
