@@ -18,11 +18,11 @@ pytestmark = [
 
 @pytest.fixture(autouse=True)
 def no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    cuda, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    old = cuda.allow_tf32, cudnn.allow_tf32
+    cuda.allow_tf32 = cudnn.allow_tf32 = False
     yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    cuda.allow_tf32, cudnn.allow_tf32 = old
 
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16

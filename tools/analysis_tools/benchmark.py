@@ -16,9 +16,12 @@ CUDA: ``--dtype`` runs under autocast (bf16/fp16), TF32 stays off unless
 own (``first_call_s``), and ``images_per_s`` is batch / median time.
 
 Examples:
-  python tools/analysis_tools/benchmark.py --arch tiny --shape 1 3 800 1216 --mode infer
-  python tools/analysis_tools/benchmark.py --arch tiny --shape 2 3 512 512 --mode train
-  python tools/analysis_tools/benchmark.py --target deform-attn --shape 1 64 200 304
+  python tools/analysis_tools/benchmark.py --arch tiny \
+      --shape 1 3 800 1216 --mode infer
+  python tools/analysis_tools/benchmark.py --arch tiny \
+      --shape 2 3 512 512 --mode train
+  python tools/analysis_tools/benchmark.py --target deform-attn \
+      --shape 1 64 200 304
   python tools/analysis_tools/benchmark.py --device cuda --dtype bf16 \
       --variants triton,swin --shape 2 3 800 1216 --mode train
   python tools/analysis_tools/benchmark.py --device cuda --target maskrcnn \
@@ -87,9 +90,9 @@ def _peak_rss_bytes() -> int:
 # (nms, RoIAlign), on torchvision; any other op raises when called. For
 # mmcv-lite, as carried to a GPU machine whose torch no mmcv wheel is built
 # for. Benchmarks only.
-MMCV_EXT_STANDIN = '''"""Stand-in for mmcv._ext (mmcv-lite): nms and RoIAlign on torchvision,
-any other op raises. Written by tools/analysis_tools/benchmark.py; benchmarks
-only."""
+MMCV_EXT_STANDIN = '''"""Stand-in for mmcv._ext (mmcv-lite): nms and RoIAlign on
+torchvision, any other op raises. Written by
+tools/analysis_tools/benchmark.py; benchmarks only."""
 import torch
 import torchvision
 
@@ -209,16 +212,15 @@ def _maskrcnn_batch(shape, device):
                             labels=torch.randint(0, 80, (5, ), generator=g
                                                  ).to(device),
                             masks=BitmapMasks(masks.numpy(), H, W))
-        s = DetDataSample(metainfo=dict(img_shape=(H, W), ori_shape=(H, W),
-                                        pad_shape=(H, W), scale_factor=(1., 1.),
-                                        batch_input_shape=(H, W)))
+        s = DetDataSample(metainfo=dict(
+            img_shape=(H, W), ori_shape=(H, W), pad_shape=(H, W),
+            scale_factor=(1., 1.), batch_input_shape=(H, W)))
         s.gt_instances = inst
         samples.append(s)
     return torch.randn(*shape, generator=g).to(device), samples
 
 
 def _build(target: str, variant: str, arch, shape, config=None):
-    import torch
     if target == 'maskrcnn':
         return _build_maskrcnn(variant, config)
     if variant == 'swin':

@@ -170,8 +170,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=_SIZES)
     def _da_fwd(Q, K, V, POS, TAB, OUT, LSE,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                spb, spg,
-                sth, sty, sob, soh, som,
+                spb, spg, sth, sty, sob, soh, som,
                 h, hg, M, Ns, W, c,
                 sy, oy, sx, ox, cy, cx, ymax, xmax, qk_scale,
                 HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
@@ -189,7 +188,8 @@ if triton is not None:
         mask_m = offs_m < M
         mask_d = offs_d < c
         q = tl.load(Q + b.to(tl.int64) * sqb + hh * sqh
-                    + offs_m[:, None].to(tl.int64) * sqm + offs_d[None, :] * sqd,
+                    + offs_m[:, None].to(tl.int64) * sqm
+                    + offs_d[None, :] * sqd,
                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         row = offs_m // W
         qy = row.to(tl.float32) * sy - oy
@@ -233,13 +233,12 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=_SIZES)
     def _da_bwd_dq(Q, K, V, POS, TAB, DO, LSE, DELTA, DQ,
-                   sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                spb, spg,
-                   sth, sty, sob, soh, som,
+                   sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn,
+                   svd, spb, spg, sth, sty, sob, soh, som,
                    h, hg, M, Ns, W, c,
                    sy, oy, sx, ox, cy, cx, ymax, xmax, qk_scale, scale,
                    HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
-                UPCAST: tl.constexpr,
+                   UPCAST: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr):
         """dq of one query tile; ``DO``/``DQ`` share the strides ``so*``
@@ -256,7 +255,8 @@ if triton is not None:
         mask_d = offs_d < c
         qd_mask = mask_m[:, None] & mask_d[None, :]
         q = tl.load(Q + b.to(tl.int64) * sqb + hh * sqh
-                    + offs_m[:, None].to(tl.int64) * sqm + offs_d[None, :] * sqd,
+                    + offs_m[:, None].to(tl.int64) * sqm
+                    + offs_d[None, :] * sqd,
                     mask=qd_mask, other=0.0)
         o_off = (b.to(tl.int64) * sob + hh * soh
                  + offs_m[:, None].to(tl.int64) * som + offs_d[None, :])
@@ -330,13 +330,12 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=_SIZES)
     def _da_bwd_dkdv(Q, K, V, POS, TAB, DO, LSE, DELTA, DK, DV, DPOS, DTAB,
-                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                spb, spg,
-                     sth, sty, sob, soh, som,
+                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn,
+                     svd, spb, spg, sth, sty, sob, soh, som,
                      h, hg, M, Ns, W, c, n_split, per_split,
                      sy, oy, sx, ox, cy, cx, ymax, xmax, qk_scale, scale,
                      HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
-                UPCAST: tl.constexpr,
+                     UPCAST: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr,
                      REDUCE_ROWS: tl.constexpr):
@@ -357,10 +356,12 @@ if triton is not None:
         mask_d = offs_d < c
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(K + b.to(tl.int64) * skb + hh * skh
-                    + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
+                    + offs_n[:, None].to(tl.int64) * skn
+                    + offs_d[None, :] * skd,
                     mask=kv_mask, other=0.0)
         v = tl.load(V + b.to(tl.int64) * svb + hh * svh
-                    + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
+                    + offs_n[:, None].to(tl.int64) * svn
+                    + offs_d[None, :] * svd,
                     mask=kv_mask, other=0.0)
         p_base = POS + b.to(tl.int64) * spb + grp * spg
         py = tl.load(p_base + offs_n * 2, mask=mask_n, other=0.0)
