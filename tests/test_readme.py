@@ -123,8 +123,11 @@ def test_own_coco_config(tmp_path):
     # the datasets build on COCO-format data laid out as the README says
     pytest.importorskip('mmdet')
     demo = load_script(ROOT / 'tools/dataset_converters/make_demo_data.py')
-    demo.generate(tmp_path / 'demo')
     data = tmp_path / 'demo' / 'coco'
+    if hasattr(demo, 'make_coco'):  # the COCO part alone is faster
+        demo.make_coco(data)
+    else:
+        demo.generate(tmp_path / 'demo')
     assert (data / 'annotations' / 'instances_train.json').is_file()
     code = code.replace(f"data_root = '{root}'", f"data_root = '{data}/'")
     cfg = _as_config(code, tmp_path, 'own_demo.py')

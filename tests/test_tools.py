@@ -317,10 +317,7 @@ def test_runner_checkpoint_resume_toy(tmp_path):
     assert (work / 'epoch_2.pth').is_file()
     # loaded through the safe path: no weights_only=False fallback needed
     assert 'weights_only=False' not in out
-    # `import mmdat` alone leaves mmengine's loader as it is
-    script.write_text(TOY_RUNNER.replace('import mmdat.engine', 'import mmdat'))
-    out = _run([PY, script, work, 'patched', 3, 'resume'])
-    assert out.returncode != 0 and 'Weights only load failed' in out.stdout
+    # (`import mmdat` alone leaves mmengine's loader as it is: test_engine)
 
 
 class _Gadget:
