@@ -46,6 +46,19 @@ def require_impl(name: str) -> None:
     assert library.cpu_ops_available(), f'C++ kernels not built: {reason}'
 
 
+@pytest.fixture(params=['avx512', 'avx2', 'scalar'])
+def isa(request):
+    """Each instruction-set variant of the C++ kernels this CPU can run (a
+    failed build fails the test; a CPU without the instruction set skips
+    it)."""
+    from mmdat.ops import library
+    require_impl('cpu')
+    if request.param not in library.available_isas():
+        pytest.skip(f'this CPU cannot run the {request.param} kernels')
+    with library.isa_override(request.param):
+        yield request.param
+
+
 def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: end-to-end runs (minutes)')
     config.addinivalue_line('markers', 'gpu: needs CUDA')

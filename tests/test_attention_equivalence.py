@@ -93,8 +93,8 @@ def test_deformable_fast_equals_reference(hw, setting, impl):
 
 
 def test_deformable_chunked_path_equals_reference(monkeypatch, impl):
-    from mmdat.models.attentions import deformable
-    monkeypatch.setattr(deformable, '_CHUNK_ELEMENTS', 200)
+    from mmdat.ops.deformable_attention import chunked
+    monkeypatch.setattr(chunked, 'CHUNK_ELEMENTS', 200)
     torch.manual_seed(0)
     m = DeformableAttention(16, 2, 1, stride=2, offset_kernel=3, rpe_size=14)
     fast, ref = _pair(m, impl)
@@ -103,6 +103,9 @@ def test_deformable_chunked_path_equals_reference(monkeypatch, impl):
 
 @pytest.mark.parametrize('orf', [2.0, 0.0])
 def test_deformable_tanh_offsets_and_no_pe(orf, impl):
+    if impl == 'cpu':
+        pytest.skip('the C++ kernels assume positions inside the table '
+                    '(test_ops_dispatch checks that cpu refuses them)')
     torch.manual_seed(0)
     for use_pe in (True, False):
         m = DeformableAttention(16, 2, 2, stride=2, offset_kernel=3,
@@ -114,6 +117,8 @@ def test_deformable_tanh_offsets_and_no_pe(orf, impl):
 
 @pytest.mark.parametrize('hw', [(64, 96), (45, 37)])
 def test_whole_backbone_equals_reference(hw, impl):
+    if impl == 'chunked' and hw == (64, 96):
+        pytest.skip('one size suffices for the slow float64 chunked path')
     torch.manual_seed(0)
     fast = DAT(arch=TINY_ARCH, impl=impl).double()
     ref = DAT(arch=TINY_ARCH, impl='reference').double()
@@ -224,7 +229,7 @@ def test_fused_neighborhood_kernel_rejects_bad_input():
     ((1, 2, 9, 18, 40), 9),
 ])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
-def test_fused_neighborhood_inference_kernel(shape, ks, dtype):
+def test_fused_neighborhood_inference_kernel(shape, ks, dtype, isa):
     """The inference op (no attention weights, own float32 kernel) and the
     training op against the float64 reference, also from strided views of a
     qkv tensor."""

@@ -93,14 +93,28 @@ def test_deformable_output_channels_last_and_equal(B):
     assert torch.allclose(got, want, rtol=0, atol=1e-5)
 
 
-@pytest.fixture
-def fused_kernel():
-    """The one-pass deformable kernels: a failed build fails the test; only
-    a CPU without AVX-512 skips it."""
+def _spy(monkeypatch, *names):
+    """Record which C++ ops run (their names, in call order)."""
+    calls = []
+    for name in names:
+        op = getattr(torch.ops.mmdat, name)
+        monkeypatch.setattr(torch.ops.mmdat, name,
+                            lambda *a, op=op, name=name: calls.append(name)
+                            or op(*a))
+    return calls
+
+
+def _one_pass(isa):
+    """Whether this instruction set has the one-pass deformable kernels."""
     from mmdat.ops import library
-    require_impl('cpu')
-    if not library.fused_deform_attention_available():
-        pytest.skip('the one-pass deformable kernels need AVX-512')
+    return library.fused_deform_attention_available()
+
+
+@pytest.fixture
+def fused_kernel(isa):
+    """The one-pass deformable kernels (AVX-512 only)."""
+    if not _one_pass(isa):
+        pytest.skip(f'no one-pass deformable kernel in the {isa} build')
 
 
 # (channels, heads, groups, stride, offset kernel, rpe size, B, H, W):
@@ -114,28 +128,24 @@ FUSED_CASES = [(64, 2, 1, 8, 9, 7, 1, 40, 75),
 
 
 @pytest.mark.parametrize('case', FUSED_CASES)
-def test_fused_deformable_inference_equals_reference(case, monkeypatch,
-                                                    fused_kernel):
-    """float32 one-pass kernel against the reference path in float64."""
+def test_fused_deformable_inference_equals_reference(case, monkeypatch, isa):
+    """float32 inference through the C++ kernels of each instruction set
+    (one-pass kernel on AVX-512, bias kernel + SDPA otherwise) against the
+    reference path in float64."""
     C, h, g, r, ks, rpe, B, H, W = case
     torch.manual_seed(0)
-    fused = DeformableAttention(C, h, g, r, ks, rpe).eval()
+    fused = DeformableAttention(C, h, g, r, ks, rpe, impl='cpu').eval()
     with torch.no_grad():
         fused.rpe_table.normal_()  # a bias that matters
     ref = DeformableAttention(C, h, g, r, ks, rpe, impl='reference').eval()
     ref.load_state_dict(fused.state_dict())
     x = torch.randn(B, C, H, W)
-    calls = []
-    op = torch.ops.mmdat.deform_attention_infer
-
-    def spy(*args):
-        calls.append(1)
-        return op(*args)
-
-    monkeypatch.setattr(torch.ops.mmdat, 'deform_attention_infer', spy)
+    calls = _spy(monkeypatch, 'deform_attention_infer', 'deform_bias_out')
     with torch.no_grad():
         got = fused(x.contiguous(memory_format=CL))
-    assert calls, 'the fused kernel was not used'
+    want_op = ('deform_attention_infer' if _one_pass(isa) else
+               'deform_bias_out')
+    assert want_op in calls, f'{want_op} did not run ({isa})'
     with torch.no_grad():
         want = ref.double()(x.double())
     err = float((got.double() - want).abs().max() / want.abs().max())
@@ -164,24 +174,23 @@ def test_fused_deformable_kernel_rejects_bad_input(fused_kernel):
 @pytest.mark.parametrize('case', FUSED_CASES + [
     (64, 4, 2, 4, 5, 16, 2, 23, 41), (32, 2, 1, 2, 3, 8, 1, 3, 5)])
 def test_fused_kernels_in_training_give_reference_grads(case, monkeypatch,
-                                                        fused_kernel):
-    """float32 training with the one-pass forward and backward kernels
-    against the reference path in float64 (outputs and every gradient)."""
+                                                        isa):
+    """float32 training through the C++ kernels of each instruction set
+    (one-pass forward and backward kernels on AVX-512; bias kernel, SDPA
+    and the bias backward kernel otherwise) against the reference path in
+    float64 (outputs and every gradient)."""
     C, h, g, r, ks, rpe, B, H, W = case
     torch.manual_seed(0)
-    fast = DeformableAttention(C, h, g, r, ks, rpe)
+    fast = DeformableAttention(C, h, g, r, ks, rpe, impl='cpu')
     with torch.no_grad():
         fast.rpe_table.normal_()
     ref = DeformableAttention(C, h, g, r, ks, rpe, impl='reference').double()
     ref.load_state_dict(fast.state_dict())
     x = torch.randn(B, C, H, W)
     xf, xr = x.clone().requires_grad_(), x.double().requires_grad_()
-    calls = []
-    for name in ('deform_attention_infer', 'deform_attention_backward'):
-        op = getattr(torch.ops.mmdat, name)
-        monkeypatch.setattr(torch.ops.mmdat, name,
-                            lambda *a, op=op, name=name: calls.append(name)
-                            or op(*a))
+    calls = _spy(monkeypatch, 'deform_attention_infer',
+                 'deform_attention_backward', 'deform_bias_out',
+                 'deform_bias_backward')
     of, orf = fast(xf), ref(xr)
     assert float((of.double() - orf).abs().max() / orf.abs().max()) <= 1e-5
     (of.double() ** 2).sum().backward()
@@ -195,8 +204,10 @@ def test_fused_kernels_in_training_give_reference_grads(case, monkeypatch,
         scale = float(b.abs().max()) if scale is None else scale
         return float((a.double() - b).abs().max()) <= 1e-4 * scale
 
-    assert sorted(set(calls)) == ['deform_attention_backward',
-                                  'deform_attention_infer']
+    want_ops = (['deform_attention_backward', 'deform_attention_infer']
+                if _one_pass(isa) else
+                ['deform_bias_backward', 'deform_bias_out'])
+    assert sorted(set(calls)) == want_ops, isa
     assert close(xf.grad, xr.grad)
     for (n, pf), (_, pr) in zip(fast.named_parameters(),
                                 ref.named_parameters()):
@@ -217,7 +228,8 @@ def test_conv_add_runs_module_hooks():
 
 
 @pytest.mark.parametrize('hw', [(12, 40), (7, 7), (9, 23)])
-def test_neighborhood_training_float32_gives_reference_grads(hw):
+def test_neighborhood_training_float32_gives_reference_grads(hw, isa,
+                                                             monkeypatch):
     """float32 training through the fused kernels (on AVX-512 builds the
     vectorised forward also writes the probabilities the backward uses)
     against the reference path in float64."""
@@ -231,10 +243,19 @@ def test_neighborhood_training_float32_gives_reference_grads(hw):
     ref.load_state_dict(fast.state_dict())
     x = torch.randn(2, 64, *hw)
     xf, xr = x.clone().requires_grad_(), x.double().requires_grad_()
+    calls = _spy(monkeypatch, 'neighborhood_attention',
+                 'neighborhood_attention_backward',
+                 'neighborhood_attention_inference')
     of, orf = fast(xf), ref(xr)
     assert float((of.double() - orf).abs().max() / orf.abs().max()) <= 1e-5
     (of.double() ** 2).sum().backward()
     (orf ** 2).sum().backward()
+    assert calls == ['neighborhood_attention',
+                     'neighborhood_attention_backward'], calls
+    with torch.no_grad():  # the inference kernel of this instruction set
+        oi = fast(x)
+    assert calls[-1] == 'neighborhood_attention_inference'
+    assert float((oi.double() - orf).abs().max() / orf.abs().max()) <= 1e-5
     floor = max(float(p.grad.abs().max()) for p in ref.parameters())
     assert float((xf.grad - xr.grad).abs().max()) <= 1e-4 * float(
         xr.grad.abs().max())

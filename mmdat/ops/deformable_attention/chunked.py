@@ -68,11 +68,11 @@ def _axis_lookup(p: torch.Tensor, n_query: int, size: int):
     u = table_coordinate(p, n_query, size)
     f0 = u.detach().floor()
     frac = u - f0
-    i0 = f0.nan_to_num(-2.0).clamp(-1, size).long()
-    i1 = i0 + 1
-    w0 = (1 - frac) * ((i0 >= 0) & (i0 < size)).to(frac.dtype)
-    w1 = frac * ((i1 >= 0) & (i1 < size)).to(frac.dtype)
-    return i0.clamp(0, size - 1), i1.clamp(0, size - 1), w0, w1
+    w0 = (1 - frac) * ((f0 >= 0) & (f0 <= size - 1)).to(frac.dtype)
+    w1 = frac * ((f0 >= -1) & (f0 <= size - 2)).to(frac.dtype)
+    i0 = f0.nan_to_num(0.0).clamp(0, size - 1).long()
+    i1 = (f0 + 1).nan_to_num(0.0).clamp(0, size - 1).long()
+    return i0, i1, w0, w1
 
 
 def _chunk(q, k, v, tab, y0, y1, wy0, wy1, x0, x1, wx0, wx1, scale):
