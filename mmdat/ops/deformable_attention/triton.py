@@ -325,8 +325,10 @@ if triton is not None:
                 col = tl.sum(ds_r * w, 0)
                 ok = mask_n & (x <= xmax + 1.0)
                 xi = x.to(tl.int32)
-                tl.atomic_add(row_ptr + xi, col - col * fy, mask=ok)
-                tl.atomic_add(row_ptr + sty + xi, col * fy, mask=ok)
+                tl.atomic_add(row_ptr + xi, col - col * fy, mask=ok,
+                              sem='relaxed')
+                tl.atomic_add(row_ptr + sty + xi, col * fy, mask=ok,
+                              sem='relaxed')
 
     @triton.jit(do_not_specialize=_SIZES)
     def _da_bwd_dkdv(Q, K, V, POS, TAB, DO, LSE, DELTA, DK, DV, DPOS, DTAB,
@@ -415,10 +417,15 @@ if triton is not None:
                     g_bot = ds * fy
                     g_top = ds - g_bot
                     tab = DTAB + off  # off includes the head
-                    tl.atomic_add(tab, g_top - g_top * fx, mask=valid)
-                    tl.atomic_add(tab + 1, g_top * fx, mask=valid)
-                    tl.atomic_add(tab + sty, g_bot - g_bot * fx, mask=valid)
-                    tl.atomic_add(tab + sty + 1, g_bot * fx, mask=valid)
+                    # (relaxed: only the sums matter, no ordering)
+                    tl.atomic_add(tab, g_top - g_top * fx, mask=valid,
+                                  sem='relaxed')
+                    tl.atomic_add(tab + 1, g_top * fx, mask=valid,
+                                  sem='relaxed')
+                    tl.atomic_add(tab + sty, g_bot - g_bot * fx, mask=valid,
+                                  sem='relaxed')
+                    tl.atomic_add(tab + sty + 1, g_bot * fx, mask=valid,
+                                  sem='relaxed')
         out = ((split * tl.num_programs(1) + bh).to(tl.int64) * Ns
                + offs_n) * c
         nd = out[:, None] + offs_d[None, :]
