@@ -227,3 +227,32 @@ def test_mask_rcnn_amp_iteration_on_cpu():
                if not torch.equal(before[k], v.detach())]
     assert any(k.startswith('backbone.') for k in changed)
     assert any(k.startswith('roi_head.') for k in changed)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='CPU-only behaviour')
+def test_amp_configs_get_a_cpu_optim_wrapper():
+    """As tools/train.py prepares them on a machine without CUDA, the AMP
+    optim wrappers of the three libraries' recipes build and autocast
+    (AmpOptimWrapper would assert). One config each: loading them is slow,
+    and the optimizer settings come from a few shared bases."""
+    from mmengine.config import Config
+    from mmengine.optim import build_optim_wrapper
+
+    from mmdat.apis import apply_amp
+    paths = [osp.join(ROOT, 'configs', p) for p in (
+        'mmdet/mask_rcnn_dat_pp_t_3x.py',
+        'mmseg/upernet_dat_pp_t_160k_ade20k.py',
+        'mmpretrain/dat_pp_t_in1k.py')]
+    net = _Net()
+    kinds = set()
+    for path in paths:
+        cfg = Config.fromfile(path, import_custom_modules=False)
+        shipped = cfg.optim_wrapper.get('type', 'OptimWrapper')
+        apply_amp(cfg)
+        kinds.add((shipped, cfg.optim_wrapper.type))
+        assert cfg.optim_wrapper.type in ('OptimWrapper',
+                                          'CPUAmpOptimWrapper'), path
+        wrapper = build_optim_wrapper(net, cfg.optim_wrapper)
+        with wrapper.optim_context(net):
+            net(torch.randn(2, 4))
+    assert kinds == {('AmpOptimWrapper', 'CPUAmpOptimWrapper')}
