@@ -9,3 +9,7 @@ model = dict(
         drop_path_rate=0.8,
         init_cfg=dict(checkpoint=pretrained)),
     neck=dict(in_channels=[128, 256, 512, 1024]))
+
+# The official run trained in fp32 (OptimizerHook, fp16=None), unlike the
+# other DAT++ detectors: a plain OptimWrapper.
+optim_wrapper = dict(type='OptimWrapper')

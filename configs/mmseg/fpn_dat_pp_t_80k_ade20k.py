@@ -42,5 +42,9 @@ default_hooks = dict(checkpoint=dict(interval=interval))
 
 # 8 GPUs x 4 images per GPU (mmseg's ade20k default batch size)
 train_dataloader = dict(batch_size=4)
+# lr 2e-4 is for 32 images per iteration (official). With another total
+# batch size pass `--auto-scale-lr` to tools/train.py: the lr is scaled by
+# (GPUs x train_dataloader.batch_size) / 32.
+auto_scale_lr = dict(enable=False, base_batch_size=32)
 
 del _base_.dat_backbone, _base_.dat_paramwise_cfg

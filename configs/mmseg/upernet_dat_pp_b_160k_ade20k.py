@@ -10,3 +10,7 @@ model = dict(
         init_cfg=dict(checkpoint=pretrained)),
     decode_head=dict(in_channels=[128, 256, 512, 1024]),
     auxiliary_head=dict(in_channels=512))
+
+# The official UperNet B++ run trained in fp32 (no fp16 settings, unlike T++
+# and S++): a plain OptimWrapper.
+optim_wrapper = dict(type='OptimWrapper')

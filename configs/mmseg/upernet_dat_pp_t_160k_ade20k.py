@@ -16,7 +16,8 @@ model = dict(
     # auxiliary FCN head on stage 3 (in_index 2)
     auxiliary_head=dict(in_channels=256, in_index=2, num_classes=150))
 
-# AdamW, lr 6e-5, weight decay 0.01, mixed precision (as the official code).
+# AdamW, lr 6e-5, weight decay 0.01, mixed precision (as the official T++
+# and S++ runs; B++ overrides it with fp32).
 optim_wrapper = dict(
     _delete_=True,
     type='AmpOptimWrapper',
@@ -40,6 +41,10 @@ param_scheduler = [
 
 # By default, models are trained on 8 GPUs with 2 images per GPU
 train_dataloader = dict(batch_size=2)
+# lr 6e-5 is for 16 images per iteration (official). With another total
+# batch size pass `--auto-scale-lr` to tools/train.py: the lr is scaled by
+# (GPUs x train_dataloader.batch_size) / 16.
+auto_scale_lr = dict(enable=False, base_batch_size=16)
 val_dataloader = dict(batch_size=1)
 test_dataloader = val_dataloader
 

@@ -7,8 +7,10 @@ _base_ = [
 
 model = dict(
     backbone=dict(_base_.dat_backbone, _delete_=True),
-    # FPN on all four stage outputs (start_level 0, mmdet's default).
-    neck=dict(in_channels=[64, 128, 256, 512]))
+    # FPN on all four stage outputs (start_level 0, mmdet's default); as in
+    # the official model, P6 is a stride-2 conv on C5 ('on_input', weights
+    # neck.fpn_convs.4.conv.*), not mmdet's default max-pool of P5.
+    neck=dict(in_channels=[64, 128, 256, 512], add_extra_convs='on_input'))
 
 train_pipeline = [
     dict(type='LoadImageFromFile', backend_args=_base_.backend_args),

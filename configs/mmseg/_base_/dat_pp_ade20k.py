@@ -5,7 +5,10 @@ _base_ = [
     'mmseg::_base_/datasets/ade20k.py', 'mmseg::_base_/default_runtime.py'
 ]
 
-custom_imports = dict(imports=['mmdat'], allow_failed_imports=False)
+# mmdat.engine: the torch >= 2.6 safe checkpoint loader and CPU fallbacks also
+# under `mim train/test` (tools/train.py imports it by itself)
+custom_imports = dict(
+    imports=['mmdat', 'mmdat.engine'], allow_failed_imports=False)
 
 # ImageNet-1k DAT-T++ weights converted to the mmpretrain layout by
 #   python tools/model_converters/dat2mmdat.py <official dat_pp_t_in1k.pth> \
