@@ -24,7 +24,7 @@ from mmdat.models import DAT
 from mmdat.ops import library
 info = library.build_info()
 arch = json.loads(sys.argv[1])
-model = DAT(**arch).eval()
+model = DAT(arch=arch).eval()
 with torch.no_grad(), torch.profiler.profile() as prof:
     out = model(torch.randn(1, 3, 64, 64))
 ops = sorted({e.name for e in prof.events() if e.name.startswith('mmdat::')})

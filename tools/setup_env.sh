@@ -20,7 +20,7 @@ KERNELS_OK='from mmdat.ops import library as L; import sys
 sys.exit(0 if L.build_info()["source"] == "aot" else 1)'
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ] && \
-   "$PY" -c 'import mmdat, mmcv.ops, mmdet, mmseg, mmpretrain, onnx, onnxruntime' >/dev/null 2>&1 && \
+   "$PY" -c 'import mmdat, mmcv.ops, mmdet, mmseg, mmpretrain, onnx, onnxruntime, pandas' >/dev/null 2>&1 && \
    MMDAT_EXT=aot "$PY" -W ignore -c "$KERNELS_OK" >/dev/null 2>&1; then
   exit 0
 fi
@@ -71,7 +71,9 @@ if ! "$PY" -c 'import mmcv.ops' >/dev/null 2>&1; then
 fi
 
 log "installing the pinned stack"
-pipi mmengine==0.10.7 'opencv-python<4.11' matplotlib pycocotools scipy shapely six \
+# numpy<2 in every call that could pull numpy 2 (mmcv 2.1 is built against
+# 1.x); pandas 3 needs numpy 2
+pipi 'numpy<2' 'pandas<3' mmengine==0.10.7 'opencv-python<4.11' matplotlib pycocotools scipy shapely six \
   terminaltables tqdm packaging prettytable einops importlib-metadata mat4py modelindex \
   rich ftfy regex pytest hypothesis Click colorama model-index pandas requests tabulate
 # ONNX export and its check (issue 13); in one call with numpy<2: ml_dtypes
@@ -84,7 +86,7 @@ pipi --no-deps mmdet==3.3.0 mmsegmentation==1.2.2 mmpretrain==1.2.0 openmim==0.3
 # chosen at run time) into mmdat/ops/_C*.so: about a minute on 2 cores
 log "installing mmdat (editable) and compiling its CPU kernels"
 MAX_JOBS="${MAX_JOBS:-$(nproc)}" pipi --no-deps --no-build-isolation -e "$ROOT"
-"$PY" -c 'import mmdat, mmcv.ops, mmdet, mmseg, mmpretrain, onnx, onnxruntime' >/dev/null
+"$PY" -c 'import mmdat, mmcv.ops, mmdet, mmseg, mmpretrain, onnx, onnxruntime, pandas' >/dev/null
 if ! MMDAT_EXT=aot "$PY" -W ignore -c "$KERNELS_OK"; then
   log "the compiled CPU kernels do not load:"
   MMDAT_EXT=aot "$PY" -W ignore -c 'from mmdat.ops import library as L; print(L.build_info())'
