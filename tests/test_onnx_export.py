@@ -207,14 +207,19 @@ def _check_file(tool, path, expect_gathers=True):
 
 def test_cli_classifier_dynamic(tool, tmp_path):
     """The demo classifier through the CLI: one dynamic file, ORT matches
-    PyTorch's logits at 64x64 and 80x72 (not multiples of 32), batch 2."""
+    PyTorch's logits at 64x64, 112x100 and 40x30 (not multiples of 32),
+    batch 2. The sizes cross the model's size-dependent cases: the
+    stage-3 map is padded to the neighborhood kernel (7) at 64x64 and 40x30
+    but not at 112x100; the stage-1 key grid is one column wide at 40x30."""
     out = str(tmp_path / 'cls.onnx')
     res = tool.main([osp.join(ROOT, 'configs/mmpretrain/dat_pp_demo.py'),
                      '--out', out, '--shape', '64', '64', '--batch', '2',
-                     '--dynamic', '--verify', '--verify-shape', '80', '72'])
+                     '--dynamic', '--verify', '--verify-shape', '112', '100',
+                     '--verify-shape', '40', '30'])
     assert res['kind'] == 'classifier' and res['outputs'] == ['logits']
     _check_file(tool, out)
-    assert [s for s, _ in res['verify']] == [(2, 3, 64, 64), (2, 3, 80, 72)]
+    assert [s for s, _ in res['verify']] == [
+        (2, 3, 64, 64), (2, 3, 112, 100), (2, 3, 40, 30)]
     for shape, errs in res['verify']:
         assert max(errs) < RTOL, (shape, errs)
     # the logits really are the classifier's (4 demo classes)
@@ -294,3 +299,32 @@ def test_opset_below_17_refused(tool, tmp_path):
     with pytest.raises(ValueError, match='opset'):
         tool.export(module, kind, str(tmp_path / 'x.onnx'), (32, 32),
                     opset=16)
+
+
+def test_dat_config_static_and_cli_errors(tool, tmp_path):
+    """A config whose model is a DAT exports the backbone; a static file
+    takes only its own size; bad option combinations are refused."""
+    cfg = tmp_path / 'dat_only.py'
+    cfg.write_text(f"default_scope = 'mmpretrain'\n"
+                   f"model = dict(type='DAT', arch={TINY_ARCH!r}, "
+                   "out_indices=(1, 3))\n")
+    out = str(tmp_path / 'dat.onnx')
+    res = tool.main([str(cfg), '--out', out, '--shape', '40', '48',
+                     '--verify', '--benchmark', '--repeat', '1',
+                     '--bench-portable'])
+    assert res['kind'] == 'backbone'
+    row, = res['benchmark']
+    assert row['shape'] == [1, 3, 40, 48]
+    assert all(row[k] > 0 for k in ('onnxruntime_ms', 'pytorch_ms',
+                                    'pytorch_portable_ms'))
+    assert res['outputs'] == ['stage1', 'stage3']
+    assert max(res['verify'][0][1]) < RTOL
+    import onnx
+    dims = [d.dim_value for d in
+            onnx.load(out).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, 40, 48]
+    with pytest.raises(SystemExit):  # another size needs --dynamic
+        tool.main([str(cfg), '--out', out, '--verify-shape', '64', '64'])
+    with pytest.raises(SystemExit):  # neither config nor arch
+        tool.parse_args(['--out', out])
+

@@ -14,8 +14,8 @@ mmseg segmentor             ``seg_logits`` ``(N, classes, H, W)``: whole-image
 mmdet detector              ``feat0..featK``: the backbone + neck feature
                             maps; the heads and their post-processing
                             (proposals, NMS, masks) stay in PyTorch
-``--backbone-only``,        ``stage0..stage3``: the backbone's outputs
-``--arch``, a DAT config    (``out_indices``)
+``--backbone-only``,        ``stage<i>`` for each ``i`` of the backbone's
+``--arch``, a DAT config    ``out_indices``
 ==========================  ===============================================
 
 The graph holds only standard ONNX operators (opset >= 17, default domain):
@@ -27,9 +27,12 @@ non-portable implementation (``impl='cpu'``, ``'triton'``, ``'flex'``) are
 refused with an error naming the module and the option.
 
 The exporter is PyTorch's TorchScript-based one (``dynamo=False``): it needs
-no package besides ``onnx`` to check the file, exports a DAT++ in seconds and
-keeps tensor sizes symbolic, so ``--dynamic`` gives one file for any batch
-and image size (checked with ``--verify`` at several sizes).
+no package besides ``onnx`` to check the file, is fast (the demo models in a
+few seconds, DAT-T++ in under a minute on two busy cores; the torch.export
+based exporter took 20x longer and needs ``onnxscript``) and keeps tensor
+sizes symbolic, so ``--dynamic`` gives one file for any batch and image size
+(check it with ``--verify`` at several sizes: a size-dependent Python branch
+in a model would be frozen at the export size).
 
 Examples::
 
@@ -217,11 +220,17 @@ def export_module(model: nn.Module, backbone_only: bool = False
     return Features(model, kind == 'backbone').eval(), kind
 
 
-def output_names(kind: str, outputs) -> List[str]:
+def output_names(kind: str, outputs, module: nn.Module) -> List[str]:
+    """``logits``, ``seg_logits``, ``feat<level>`` or ``stage<index>``
+    (the backbone's ``out_indices``)."""
     if kind == 'classifier':
         return ['logits']
     if kind == 'segmentor':
         return ['seg_logits']
+    stages = getattr(getattr(module, 'model', None), 'out_indices', None)
+    if kind == 'backbone' and stages is not None and len(stages) == len(
+            outputs):
+        return [f'stage{i}' for i in stages]
     prefix = 'stage' if kind == 'backbone' else 'feat'
     return [f'{prefix}{i}' for i in range(len(outputs))]
 
@@ -333,7 +342,7 @@ def export(module: nn.Module, kind: str, out: str,
     check_exportable(module)
     x = torch.randn(batch, 3, *shape)
     with torch.no_grad(), dispatch.portable():
-        names = output_names(kind, module(x))
+        names = output_names(kind, module(x), module)
     axes = None
     if dynamic:
         axes = {INPUT_NAME: {0: 'batch', 2: 'height', 3: 'width'}}
@@ -458,7 +467,9 @@ def verify(path: str, module: nn.Module,
 
 
 # ------------------------------------------------------------- benchmark
-def _median_ms(fn, warmup: int, repeat: int) -> float:
+def _time_ms(fn, warmup: int, repeat: int) -> Tuple[float, float]:
+    """Median and best wall-clock time of ``fn`` in ms (the best is the
+    steadier figure on a shared machine)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -466,16 +477,18 @@ def _median_ms(fn, warmup: int, repeat: int) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return statistics.median(times) * 1e3, min(times) * 1e3
 
 
 def benchmark(path: str, module: nn.Module,
               shapes: Sequence[Tuple[int, ...]], warmup: int = 1,
-              repeat: int = 5, threads: Optional[int] = None) -> List[dict]:
-    """Median latency (ms) of ONNX Runtime (CPU provider) and of PyTorch on
-    the CPU (default implementations: mmdat's fused kernels where built;
-    and the portable ones, the math of the ONNX graph) at each shape, both
-    with ``threads`` threads (default: torch's)."""
+              repeat: int = 5, threads: Optional[int] = None,
+              portable: bool = False) -> List[dict]:
+    """Wall-clock latency (median and best, ms) of ONNX Runtime (CPU
+    provider) and of PyTorch eager on the CPU (default implementations:
+    mmdat's fused kernels where built) at each shape, both with ``threads``
+    threads (default: torch's). ``portable``: also PyTorch with the portable
+    implementations (the math of the ONNX graph)."""
     threads = threads or torch.get_num_threads()
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -486,14 +499,15 @@ def benchmark(path: str, module: nn.Module,
             x = torch.randn(*shape)
             feed = {INPUT_NAME: x.numpy()}
             row = dict(shape=list(shape), threads=threads)
-            row['onnxruntime_ms'] = _median_ms(
+            row['onnxruntime_ms'], row['onnxruntime_best_ms'] = _time_ms(
                 lambda: session.run(None, feed), warmup, repeat)
             with torch.inference_mode():
-                row['pytorch_ms'] = _median_ms(
+                row['pytorch_ms'], row['pytorch_best_ms'] = _time_ms(
                     lambda: module(x), warmup, repeat)
-            row['pytorch_portable_ms'] = _median_ms(
-                lambda: torch_outputs(module, x, portable=True), warmup,
-                repeat)
+            if portable:
+                row['pytorch_portable_ms'], row['pytorch_portable_best_ms'] \
+                    = _time_ms(lambda: torch_outputs(module, x, True),
+                               warmup, repeat)
             rows.append(row)
     finally:
         torch.set_num_threads(prev)
@@ -560,6 +574,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         default=[], metavar=('H', 'W'))
     parser.add_argument('--repeat', type=int, default=5,
                         help='timed runs per measurement (median reported)')
+    parser.add_argument('--bench-portable', action='store_true',
+                        help='--benchmark also PyTorch with the portable '
+                        'implementations (the math of the ONNX graph)')
     parser.add_argument('--threads', type=int, default=None,
                         help='CPU threads of both runtimes (default: '
                         "torch's)")
@@ -626,12 +643,20 @@ def main(argv=None) -> dict:
                   (args.bench_shape or [args.shape])]
         result['benchmark'] = benchmark(args.out, module, shapes,
                                         repeat=args.repeat,
-                                        threads=args.threads)
+                                        threads=args.threads,
+                                        portable=args.bench_portable)
         for row in result['benchmark']:
-            print(f'{"x".join(map(str, row["shape"]))} ({row["threads"]} '
-                  f'threads): ONNX Runtime {row["onnxruntime_ms"]:.1f} ms, '
-                  f'PyTorch {row["pytorch_ms"]:.1f} ms (portable ops '
-                  f'{row["pytorch_portable_ms"]:.1f} ms)')
+            line = (f'{"x".join(map(str, row["shape"]))} ({row["threads"]} '
+                    f'threads), median (best) of {args.repeat}: ONNX Runtime '
+                    f'{row["onnxruntime_ms"]:.1f} '
+                    f'({row["onnxruntime_best_ms"]:.1f}) ms, PyTorch '
+                    f'{row["pytorch_ms"]:.1f} ({row["pytorch_best_ms"]:.1f}) '
+                    'ms')
+            if 'pytorch_portable_ms' in row:
+                line += (f', PyTorch portable ops '
+                         f'{row["pytorch_portable_ms"]:.1f} '
+                         f'({row["pytorch_portable_best_ms"]:.1f}) ms')
+            print(line)
     return result
 
 
