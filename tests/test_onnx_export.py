@@ -211,8 +211,14 @@ def test_cli_classifier_dynamic(tool, tmp_path):
     batch 2. The sizes cross the model's size-dependent cases: the
     stage-3 map is padded to the neighborhood kernel (7) at 64x64 and 40x30
     but not at 112x100; the stage-1 key grid is one column wide at 40x30."""
+    config = osp.join(ROOT, 'configs/mmpretrain/dat_pp_demo.py')
+    # a checkpoint of our own: the file must hold these weights
+    torch.manual_seed(3)
+    model = tool.build_model(config)
+    ckpt = str(tmp_path / 'cls.pth')
+    torch.save({'state_dict': model.state_dict(), 'meta': {}}, ckpt)
     out = str(tmp_path / 'cls.onnx')
-    res = tool.main([osp.join(ROOT, 'configs/mmpretrain/dat_pp_demo.py'),
+    res = tool.main([config, ckpt,
                      '--out', out, '--shape', '64', '64', '--batch', '2',
                      '--dynamic', '--verify', '--verify-shape', '112', '100',
                      '--verify-shape', '40', '30'])
@@ -222,10 +228,14 @@ def test_cli_classifier_dynamic(tool, tmp_path):
         (2, 3, 64, 64), (2, 3, 112, 100), (2, 3, 40, 30)]
     for shape, errs in res['verify']:
         assert max(errs) < RTOL, (shape, errs)
-    # the logits really are the classifier's (4 demo classes)
-    sess = tool.ort_session(out)
-    y = sess.run(None, {'image': torch.randn(3, 3, 70, 66).numpy()})[0]
+    # the logits of the checkpoint's classifier (4 demo classes), as
+    # mmpretrain computes them
+    x = torch.randn(3, 3, 70, 66)
+    y = tool.ort_session(out).run(None, {'image': x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x, mode='tensor')
     assert y.shape == (3, 4)
+    assert (torch.from_numpy(y) - ref).abs().max() < RTOL * ref.abs().max()
 
 
 @pytest.mark.parametrize('config,kind,sizes', [

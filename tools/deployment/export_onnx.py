@@ -322,7 +322,14 @@ def build_model(config: Optional[str] = None,
         registry = importlib.import_module(f'{cfg.default_scope}.registry')
         model = registry.MODELS.build(cfg.model)
         if not checkpoint and hasattr(model, 'init_weights'):
-            model.init_weights()
+            try:
+                model.init_weights()
+            except FileNotFoundError as exc:
+                # e.g. the ImageNet weights a dense config starts from
+                warnings.warn(f'{config}: the initialisation reads a file '
+                              f'that is not there ({exc}); exporting the '
+                              'model with random weights (pass a '
+                              'checkpoint to export trained ones)')
         model = revert_sync_batchnorm(model)
     if checkpoint:
         load_weights(model, checkpoint, trusted)
