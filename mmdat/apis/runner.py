@@ -21,6 +21,7 @@ import warnings
 from copy import deepcopy
 from typing import Optional, Union
 
+import mmengine
 import torch
 from mmengine.config import Config, ConfigDict
 from mmengine.logging import print_log
@@ -117,7 +118,8 @@ def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
     return cfg
 
 
-def setup_work_dir(cfg: Config, args=None, config_path: Optional[str] = None):
+def setup_work_dir(cfg: Config, args=None,
+                   config_path: Optional[str] = None) -> str:
     """work_dir priority: CLI ``--work-dir`` > ``cfg.work_dir`` >
     ``./work_dirs/<config stem>`` (as the upstream tools)."""
     work_dir = getattr(args, 'work_dir', None)
@@ -239,7 +241,7 @@ def _init_cpu_process_group(cfg: Config) -> None:
     dist.init_process_group(backend=backend, **kwargs)
 
 
-def build_runner(cfg: Config):
+def build_runner(cfg: Config) -> 'mmengine.runner.Runner':
     """``Runner.from_cfg(cfg)``, or ``RUNNERS.build(cfg)`` when
     ``cfg.runner_type`` is set (as the upstream tools), after
     :func:`prepare_dist`; checkpoints inside ``cfg.work_dir`` (written by

@@ -26,7 +26,7 @@ class CPUDistributedDataParallel(MMDistributedDataParallel):
     statistics are then per process).
     """
 
-    def __init__(self, module, device_ids=None, **kwargs):
+    def __init__(self, module: torch.nn.Module, device_ids=None, **kwargs):
         param = next(module.parameters(), None)
         if param is None or param.device.type == 'cpu':
             device_ids = None
@@ -86,7 +86,7 @@ class CPUAmpOptimWrapper(OptimWrapper):
             cast_modules)
         self._logged = False
 
-    def _targets(self, model: torch.nn.Module):
+    def _targets(self, model: torch.nn.Module) -> Optional[list]:
         model = getattr(model, 'module', model)  # (CPU)DDP
         if self.cast_modules is None:
             return None
