@@ -11,9 +11,10 @@ ConvFFN, DAT++ (clamped) or tanh-bounded offsets, pre-training sizes down to
 in float64:
 
 * the outputs have the stage widths and ``ceil``-halved sizes and are finite;
-* ``impl='auto'`` agrees with ``impl='reference'`` within 1e-6 relative;
+* ``impl='auto'`` (the C++ kernels) and ``impl='chunked'`` agree with
+  ``impl='reference'`` within 1e-6 relative;
 * samples of a batch are processed independently;
-* the fast path's query chunking (forced with a small ``_CHUNK_ELEMENTS``)
+* the query chunking (forced with a small ``CHUNK_ELEMENTS``)
   changes nothing, gradients included.
 
 ``MMDAT_HYPOTHESIS_EXAMPLES`` raises the number of examples for a longer local
@@ -28,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import rel_err
-import mmdat.models.attentions.deformable as deformable
+from mmdat.ops.deformable_attention import chunked as deformable_chunked
 from mmdat.models import DAT
 from mmdat.models.attentions import DeformableAttention
 
@@ -89,14 +90,15 @@ def cases(draw):
     # None: the default chunk size (one chunk at these sizes); small values
     # split the queries of the fast deformable path into row chunks
     chunk = draw(st.sampled_from([None, None, 1, 64, 4096]))
-    return arch, tuple(sorted(out_indices)), (B, 3, H, W), seed, chunk
+    # auto: the C++ kernels (whose chunked path serves float64 too)
+    impl = draw(st.sampled_from(['auto', 'chunked']))
+    return arch, tuple(sorted(out_indices)), (B, 3, H, W), seed, chunk, impl
 
 
 def chunking(chunk):
     if chunk is None:
-        return mock.patch.object(deformable, '_CHUNK_ELEMENTS',
-                                 deformable._CHUNK_ELEMENTS)
-    return mock.patch.object(deformable, '_CHUNK_ELEMENTS', chunk)
+        chunk = deformable_chunked.CHUNK_ELEMENTS
+    return mock.patch.object(deformable_chunked, 'CHUNK_ELEMENTS', chunk)
 
 
 def expected_shapes(arch, out_indices, shape):
@@ -110,9 +112,9 @@ def expected_shapes(arch, out_indices, shape):
     return shapes
 
 
-def build_pair(arch, out_indices, seed):
+def build_pair(arch, out_indices, seed, impl='auto'):
     torch.manual_seed(seed)
-    auto = DAT(arch=arch, out_indices=out_indices, impl='auto')
+    auto = DAT(arch=arch, out_indices=out_indices, impl=impl)
     ref = DAT(arch=arch, out_indices=out_indices, impl='reference')
     ref.load_state_dict(auto.state_dict())
     return auto.double().eval(), ref.double().eval()
@@ -121,8 +123,8 @@ def build_pair(arch, out_indices, seed):
 @SETTINGS
 @given(cases())
 def test_shapes_finite_and_impls_agree(case):
-    arch, out_indices, shape, seed, chunk = case
-    auto, ref = build_pair(arch, out_indices, seed)
+    arch, out_indices, shape, seed, chunk, impl = case
+    auto, ref = build_pair(arch, out_indices, seed, impl)
     x = torch.randn(shape, dtype=torch.float64,
                     generator=torch.Generator().manual_seed(seed))
     with torch.no_grad(), chunking(chunk):
@@ -185,8 +187,8 @@ def test_deformable_sampling_positions_in_range(arch, H, W):
 def test_gradients_agree(case):
     """Input and parameter gradients of both implementations agree (the
     chunked fast path recomputes its chunks in backward)."""
-    arch, out_indices, shape, seed, chunk = case
-    auto, ref = build_pair(arch, out_indices, seed)
+    arch, out_indices, shape, seed, chunk, impl = case
+    auto, ref = build_pair(arch, out_indices, seed, impl)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, dtype=torch.float64, generator=gen)
     grads = []
