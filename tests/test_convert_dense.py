@@ -9,6 +9,11 @@ loaded strictly into the model the config builds:
   (``tests/data/manifests.json``, ``backbone/<arch>``); the output norms are
   those of the config's ``out_indices`` (the official dense backbone has
   ``norms.i`` only for them);
+* neck keys are those of the official model's neck (``OFFICIAL_NECKS``,
+  written out from the official DAT-Detection / DAT-Segmentation configs and
+  built independently of our config), so a config whose neck differs from
+  the official one (say, no P6 conv in Mask R-CNN) fails with missing or
+  unexpected keys;
 * neck/head keys are the mmdet 2.x / mmseg 0.x names. Their patterns are
   written out below from the 2.x / 0.x sources; every key of the new model
   must be one of them, which is the claim that nothing was renamed between
@@ -68,6 +73,31 @@ OLD_NAMES = {
     'FCNHead': [_conv_bn(r'convs\.0'), r'conv_seg' + _WB],
     'FPNHead': [_conv_bn(r'scale_heads\.[0-3]\.[024]'), r'conv_seg' + _WB],
 }
+
+
+# The official necks (DAT-Detection configs/_base_/models/*_dat_fpn.py,
+# DAT-Segmentation configs/_base_/models/fpn_dat.py): FPN on the four stage
+# widths, 256 channels, and per detector:
+OFFICIAL_NECKS = {
+    'MaskRCNN': dict(start_level=0, add_extra_convs='on_input', num_outs=5),
+    'CascadeRCNN': dict(start_level=0, add_extra_convs=False, num_outs=5),
+    'RetinaNet': dict(start_level=1, add_extra_convs='on_input', num_outs=5),
+    'EncoderDecoder': dict(start_level=0, add_extra_convs=False, num_outs=4),
+}
+
+
+def official_neck_state(cfg, model_cfg, dims, out_channels=256) -> dict:
+    """{key: tensor-like} of the official model's neck (empty for UperNet,
+    which has none), from an FPN built with the official settings."""
+    import importlib
+    if model_cfg.get('neck') is None:
+        return {}
+    assert model_cfg.neck.type == 'FPN'
+    registry = importlib.import_module(f'{cfg.default_scope}.registry').MODELS
+    neck = registry.build(dict(type='FPN', in_channels=list(dims),
+                               out_channels=out_channels,
+                               **OFFICIAL_NECKS[model_cfg.type]))
+    return {'neck.' + k: v for k, v in neck.state_dict().items()}
 
 
 def old_patterns(model_cfg) -> list:
@@ -155,9 +185,15 @@ def make_case(rel_path, manifests):
         state['backbone.' + key] = _random(key, shape, torch.float32)
     patterns = old_patterns(model_cfg)
     used = set()
-    for key, value in own.items():
-        if key.startswith('backbone.'):
-            continue
+    # the demos (mini trunk, no official weights) have narrower necks
+    width = model_cfg.neck.out_channels if name == 'backbone/mini' and \
+        model_cfg.get('neck') is not None else 256
+    neck = official_neck_state(cfg, model_cfg,
+                               manifest['official_kwargs']['dims'], width)
+    # trunk: from the manifest; neck: the official one; heads: ours
+    heads = {k: v for k, v in own.items()
+             if not k.startswith(('backbone.', 'neck.'))}
+    for key, value in list(neck.items()) + list(heads.items()):
         hits = [p for p in patterns if re.fullmatch(p, key)]
         assert hits, (f'{key} has no mmdet 2.x / mmseg 0.x name: renamed '
                       'between versions?')
