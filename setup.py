@@ -5,6 +5,7 @@ import os.path as osp
 import platform
 import shutil
 import sys
+import sysconfig
 from typing import Tuple
 
 from setuptools import find_packages, setup
@@ -68,20 +69,29 @@ def cpu_extension() -> Tuple[list, dict]:
     themselves (AVX-512, AVX2 + FMA, scalar; chosen at run time), so there
     is no ``-march=native`` and the wheel runs on any x86-64 CPU.
 
-    Needs torch at build time: ``pip install --no-build-isolation``. Without
-    torch (an isolated build) or with ``MMDAT_NO_EXT=1`` the package is built
-    without it and compiles the kernels on first use instead.
+    Needs torch at build time: the one installed in the target environment
+    (also seen from pip's isolated build environment). Without torch, or
+    with ``MMDAT_NO_EXT=1``, the package is built without the module and
+    compiles the kernels on first use instead.
     """
     if os.environ.get('MMDAT_NO_EXT', '') not in ('', '0'):
         return [], {}
     try:
         import torch  # noqa: F401 - needed to build the extension
+    except ImportError:
+        # pip's isolated build environment hides the packages of the
+        # environment it installs into; build against the torch installed
+        # there (the one the module will be loaded into: same C++ ABI)
+        for key in ('platlib', 'purelib'):
+            path = sysconfig.get_paths()[key]
+            if path not in sys.path:
+                sys.path.append(path)
+    try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
-        print('mmdat: torch is not importable in the build environment '
-              '(use `pip install --no-build-isolation`); building without '
-              'the compiled CPU kernels (compiled on first use instead)',
-              file=sys.stderr)
+        print('mmdat: torch is not importable at build time; building '
+              'without the compiled CPU kernels (compiled on first use '
+              'instead). Install torch first.', file=sys.stderr)
         return [], {}
     if sys.platform not in ('linux', 'darwin'):
         return [], {}
