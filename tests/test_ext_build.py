@@ -95,6 +95,7 @@ def test_isa_cap_from_the_environment():
         assert proc.stdout.split() == ['OK', 'scalar', 'False']
 
 
+@pytest.mark.slow  # a full run-time build: 1-2 minutes on 2 cores
 def test_lock_left_by_killed_build_does_not_hang(tmp_path):
     from mmdat.ops import library as ext
     build_dir = tmp_path / f'mmdat_cpu_ops_{ext._build_tag()}'

@@ -14,6 +14,8 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # compiles the kernels: minutes on 2 cores
+
 SOURCES = ('setup.py', 'README.md', 'MANIFEST.in', 'requirements.txt',
            'model-index.yml', 'configs', 'tools', 'mmdat')
 FORWARD = '''
