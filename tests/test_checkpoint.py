@@ -1,12 +1,9 @@
 """Official checkpoints: conversion, Pretrained init and clear errors."""
-import subprocess
-import sys
-
 import pytest
 import torch
 from mmengine.runner import load_checkpoint
 
-from conftest import ROOT, TINY_ARCH
+from conftest import ROOT, TINY_ARCH, load_script
 from mmdat.models import DAT
 from mmdat.utils.checkpoint import (backbone_state_dict, checkpoint_kind,
                                     read_checkpoint)
@@ -64,9 +61,8 @@ def test_converter_dense_roundtrip(manifests, fill, tmp_path):
     sd, ckpt = _official_dense(manifests, fill)
     src, dst = tmp_path / 'det.pth', tmp_path / 'out' / 'det_mmdat.pth'
     torch.save(ckpt, src)
-    proc = subprocess.run([sys.executable, str(CONVERTER), str(src),
-                           str(dst)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    # in process (the command line itself runs in tests/test_golden.py)
+    assert load_script(CONVERTER).main([str(src), str(dst)]) == 0
     out = torch.load(dst, weights_only=True)
     assert out['meta']['source_kind'] == 'official-dense'
     assert set(out['state_dict']) == set(ckpt['state_dict'])
@@ -79,15 +75,14 @@ def test_converter_dense_roundtrip(manifests, fill, tmp_path):
     load_checkpoint(wrapper, str(dst), strict=True)
 
 
-def test_converter_refuses_unknown_file(tmp_path):
+def test_converter_refuses_unknown_file(tmp_path, capsys):
     src = tmp_path / 'resnet.pth'
     torch.save({'state_dict': {'conv1.weight': torch.zeros(1)}}, src)
-    proc = subprocess.run([sys.executable, str(CONVERTER), str(src),
-                           str(tmp_path / 'x.pth')], capture_output=True,
-                          text=True)
-    assert proc.returncode == 1
-    assert 'not a DAT/DAT++ checkpoint' in proc.stderr
-    assert 'conv1.weight' in proc.stderr
+    assert load_script(CONVERTER).main([str(src),
+                                        str(tmp_path / 'x.pth')]) == 1
+    err = capsys.readouterr().err
+    assert 'not a DAT/DAT++ checkpoint' in err
+    assert 'conv1.weight' in err
     assert not (tmp_path / 'x.pth').exists()
 
 
@@ -267,27 +262,20 @@ def test_pretrained_init_from_url(http_dir, tmp_path, monkeypatch, manifests,
 
 
 def test_converter_needs_trust_for_foreign_globals(manifests, fill,
-                                                   tmp_path):
+                                                   tmp_path, capsys):
     sd = fill.fill_official(
         manifests['classification/mini']['state_dict_shapes'])
     src = tmp_path / 'cls_with_config.pth'
     torch.save({'model': sd, 'config': _Payload()}, src)
     dst = tmp_path / 'out.pth'
-    import os
-    # the converter must find this module to run the payload when trusted
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(ROOT / 'tests')] + os.environ.get('PYTHONPATH', '').split(
-            os.pathsep)))
-    proc = subprocess.run([sys.executable, str(CONVERTER), str(src),
-                           str(dst)], capture_output=True, text=True,
-                          env=env)
-    assert proc.returncode == 1
-    assert '_record' in proc.stderr and '--trust' in proc.stderr
-    assert not dst.exists()
-    proc = subprocess.run([sys.executable, str(CONVERTER), '--trust',
-                           str(src), str(dst)], capture_output=True,
-                          text=True, env=env)
-    assert proc.returncode == 0, proc.stderr
+    converter = load_script(CONVERTER)
+    _RAN.clear()
+    assert converter.main([str(src), str(dst)]) == 1
+    err = capsys.readouterr().err
+    assert '_record' in err and '--trust' in err
+    assert not dst.exists() and _RAN == []
+    assert converter.main(['--trust', str(src), str(dst)]) == 0
+    assert _RAN == ['payload ran']
     assert torch.load(dst, weights_only=True)['meta']['source_kind'] == \
         'official-classification'
 
@@ -305,9 +293,7 @@ def test_dense_init_from_converted_classifier_keeps_fresh_norms(
         manifests['classification/mini']['state_dict_shapes'])
     src, dst = tmp_path / 'cls.pth', tmp_path / 'cls_mmdat.pth'
     torch.save({'model': sd}, src)
-    proc = subprocess.run([sys.executable, str(CONVERTER), str(src),
-                           str(dst)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    assert load_script(CONVERTER).main([str(src), str(dst)]) == 0
     assert 'backbone.norms.3.norm.weight' in torch.load(
         dst, weights_only=True)['state_dict']  # the classifier needs it
     model = DAT(arch=kw, init_cfg=dict(type='Pretrained', checkpoint=str(dst),

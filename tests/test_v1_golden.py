@@ -15,13 +15,11 @@ code) ``attn_mask``. Checked here:
   written out below independently, window by window.
 """
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import DATA, ROOT, rel_err
+from conftest import DATA, ROOT, load_script, rel_err
 from mmdat.models import DAT
 from mmdat.models.attentions import WindowAttention
 
@@ -90,10 +88,7 @@ def test_v1_classifier_through_converter_matches_official(
     from mmengine.runner import load_checkpoint
     src, dst = tmp_path / 'v1_official.pth', tmp_path / 'v1.pth'
     torch.save(official_file(golden_v1, fill), src)
-    proc = subprocess.run(
-        [sys.executable, str(CONVERTER), str(src), str(dst)],
-        capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    assert load_script(CONVERTER).main([str(src), str(dst)]) == 0
     converted = torch.load(dst, weights_only=True)['state_dict']
     assert not [k for k in converted if k.endswith(BUFFERS)]
     model = build_classifier(golden_v1['official_kwargs'])

@@ -402,8 +402,9 @@ class DAT(BaseModule):
         each layer, as the official code, whose ``reset_parameters`` loops
         over parameters instead of modules and so changes nothing);
         ``dict(type='Pretrained', checkpoint=..., prefix=...)``: official or
-        converted weights through :func:`mmdat.utils.checkpoint.load_dat_pretrained`
-        (local path, URL or any mmengine checkpoint scheme, safe loading);
+        converted weights through
+        :func:`mmdat.utils.checkpoint.load_dat_pretrained` (local path, URL
+        or any mmengine checkpoint scheme, safe loading);
         other init configs: mmengine's."""
         if self.init_cfg is not None and self.init_cfg.get(
                 'type') == 'Pretrained':
