@@ -4,7 +4,7 @@ side, one entry point.
 =============  ============================================================
 ``reference``  the spec: materialised displacements, ``grid_sample`` bias
 ``chunked``    plain PyTorch, row chunks, gathered bias + SDPA (portable)
-``cpu``        fused C++ kernels (``csrc/deform_bias.cpp``), custom ops
+``cpu``        fused C++ kernels (``csrc/deform_bias_kernels.h``, validated and registered in ``csrc/ops.cpp``), custom ops
 ``triton``     fused Triton kernels (CUDA; CPU under ``TRITON_INTERPRET=1``)
 ``flex``       ``flex_attention`` with the bias in the score function (CUDA)
 =============  ============================================================

@@ -1,4 +1,4 @@
-"""Deformable attention with the fused C++ CPU kernels (``csrc/deform_bias.cpp``).
+"""Deformable attention with the fused C++ CPU kernels (``csrc/deform_bias_kernels.h``, validated and registered in ``csrc/ops.cpp``).
 
 Registered with ``torch.library`` as ``mmdat::deformable_attention_cpu``
 (and its backward), with fake kernels and autograd, so that

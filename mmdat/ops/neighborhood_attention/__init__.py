@@ -2,7 +2,7 @@
 by side, one entry point.
 
 =============  ============================================================
-``cpu``        fused C++ window walk (``csrc/neighborhood.cpp``), custom ops
+``cpu``        fused C++ window walk (``csrc/neighborhood_kernels.h``), custom ops
 ``triton``     fused Triton kernels (CUDA; CPU under ``TRITON_INTERPRET=1``)
 ``flex``       ``flex_attention`` with a window block mask (CUDA)
 ``chunked``    plain PyTorch, query tiles against key halos, masked SDPA

@@ -1,5 +1,5 @@
 """Neighborhood attention with the fused C++ CPU kernels
-(``csrc/neighborhood.cpp``): each query's window is walked directly.
+(``csrc/neighborhood_kernels.h``): each query's window is walked directly.
 
 Registered with ``torch.library`` (``mmdat::neighborhood_attention_cpu``
 with fake kernel and autograd, and ``..._cpu_inference``), so that
