@@ -349,3 +349,29 @@ def test_from_scratch_init_is_pytorch_default():
     model.init_weights()
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_safe_load_other_schemes_go_through_the_policy(tmp_path):
+    """A scheme registered with mmengine's CheckpointLoader (as s3://,
+    open-mmlab:// ... are) is used, and its torch.load is the safe one."""
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    from mmdat.utils import UntrustedCheckpointError, safe_load
+
+    def load_from_test_scheme(filename, map_location=None):
+        path = tmp_path / filename[len('mmdattest://'):]
+        with open(path, 'rb') as f:
+            return torch.load(f, map_location=map_location)
+
+    CheckpointLoader.register_scheme('mmdattest://', load_from_test_scheme,
+                                     force=True)
+    torch.save({'w': torch.ones(2)}, tmp_path / 'good.pth')
+    torch.save({'cfg': _Payload()}, tmp_path / 'evil.pth')
+    assert torch.equal(safe_load('mmdattest://good.pth')['w'], torch.ones(2))
+    _RAN.clear()
+    with pytest.raises(UntrustedCheckpointError, match='_record'):
+        safe_load('mmdattest://evil.pth')
+    assert _RAN == []
+    with pytest.warns(UserWarning, match='weights_only=False'):
+        assert safe_load('mmdattest://evil.pth',
+                         trusted=True)['cfg'] == 'payload ran'
