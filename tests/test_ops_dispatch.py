@@ -102,7 +102,12 @@ def test_explain_names_each_attention_module_and_its_implementation():
         f'stages.{i}.attns.{d}' for i, s in enumerate(TINY_ARCH['stage_spec'])
         for d in range(len(s))}
     assert all(r[2] == 'cpu' for r in attn)
-    assert any('flex' in line and 'needs CUDA' in line for line in lines)
+    assert any('flex: needs CUDA' in line for line in lines)
+    assert any('reference: can run, lower preference' in line
+               for line in lines)
+    # the key sampling of each deformable block is named too
+    samples = [r for r in rows if r[1] == 'bilinear_sample']
+    assert samples and all(r[0].startswith('stages.') for r in samples)
     with dispatch.recording() as rec:  # explain left no recorder behind
         pass
     assert rec == []

@@ -41,8 +41,8 @@ def explain(model: torch.nn.Module, *inputs, train: bool = False,
             for where, op, requested, chosen, found in rec]
     if print_fn is not None:
         for where, op, chosen, requested, found in rows:
-            others = '; '.join(f'{n}: {r}' for n, r in found
-                               if n != chosen and r)
+            others = '; '.join(f'{n}: {r or "can run, lower preference"}'
+                               for n, r in found if n != chosen)
             print_fn(f'{where or "?"} [{op}] -> {chosen} (impl={requested!r})'
-                     + (f'  | not chosen: {others}' if others else ''))
+                     + (f'  | others: {others}' if others else ''))
     return rows

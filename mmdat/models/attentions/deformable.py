@@ -104,7 +104,8 @@ class DeformableAttention(nn.Module):
     def sample_keys(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Bilinear samples of ``x`` at ``pos``: ``(B, C, Hk, Wk)``."""
         B, C, H, W = x.shape
-        sampled = bilinear_sample(_group_batch(x, self.num_groups), pos)
+        sampled = bilinear_sample(_group_batch(x, self.num_groups), pos,
+                                  where=self.op_name)
         return sampled.reshape(B, C, *pos.shape[1:3])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
