@@ -190,3 +190,37 @@ def test_window_blocks_follow_official_detection_code(size, letter):
     ref = official_detection_window(x, m, shift)
     assert got.shape == ref.shape
     assert (got - ref).abs().max() <= 1e-10
+
+
+def test_official_v1_dense_settings_accepted():
+    """The keyword set of the official v1 detection / segmentation configs
+    (DAT-Detection configs/_base_/models/mask_rcnn_dat_fpn.py) with the
+    block pattern of DAT-T (``L S`` in stages 1-2): the extra options of
+    block kinds mmdat does not build are accepted; the ones that would change
+    the built blocks must be off; ``-1`` is refused where a ``D`` uses it."""
+    kw = dict(
+        img_size=224, patch_size=4, num_classes=1000, expansion=4,
+        dim_stem=96, dims=[96, 192, 384, 768], depths=[2, 2, 6, 2],
+        heads=[3, 6, 12, 24], heads_q=[6, 12, 24, 48],
+        window_sizes=[7, 7, 7, 7], drop_rate=0.0, attn_drop_rate=0.0,
+        drop_path_rate=0.0, strides=[-1, -1, 1, 1],
+        offset_range_factor=[1, 2, 3, 4], local_orf=[-1, -1, -1, -1],
+        local_kv_sizes=[-1, -1, -1, -1], offset_pes=[False] * 4,
+        stage_spec=[['L', 'S'], ['L', 'S'], ['L', 'D', 'L', 'D', 'L', 'D'],
+                    ['L', 'D']],
+        groups=[-1, -1, 3, 6], use_pes=[False] * 4, dwc_pes=[False] * 4,
+        sr_ratios=[8, 4, 2, 1], lower_lr_kvs={}, fixed_pes=[False] * 4,
+        no_offs=[False] * 4, ns_per_pts=[4, 4, 4, 4],
+        use_dwc_mlps=[False] * 4, use_conv_patches=False,
+        ksizes=[9, 7, 5, 3], ksize_qnas=[3, 3, 3, 3], nqs=[2, 2, 2, 2],
+        qna_activation='exp', deform_groups=[0, 0, 0, 0],
+        nat_ksizes=[3, 3, 3, 3], layer_scale_values=[-1, -1, -1, -1],
+        use_lpus=[False] * 4, use_cmt_mlps=[False] * 4,
+        out_indices=(0, 1, 2, 3), use_checkpoint=True)
+    model = DAT(arch=kw)
+    assert isinstance(model.stages[1].attns[1], WindowAttention)
+    assert model.stages[1].attns[1].shift == 4
+    with pytest.raises(ValueError, match='use_cmt_mlps'):
+        DAT(arch=dict(kw, use_cmt_mlps=[True] * 4))
+    with pytest.raises(ValueError, match=r"arch\['strides'\]\[2\].*-1"):
+        DAT(arch=dict(kw, strides=[-1, -1, -1, 1]))  # a D stage needs one

@@ -57,7 +57,15 @@ _SCALAR_DEFAULTS = dict(dim_stem=None, use_conv_patches=True, expansion=4,
 # DAT's own arguments (drop_path_rate, out_indices, with_cp).
 _IGNORED = ('drop_path_rate', 'out_indices', 'use_checkpoint', 'num_classes',
             'drop_rate', 'attn_drop_rate', 'layer_scale_values', 'ns_per_pts',
-            'sr_ratios', 'log_cpb', 'use_lpus_for_nat')
+            'sr_ratios', 'log_cpb', 'use_lpus_for_nat',
+            # the official v1 detection / segmentation settings also carry
+            # options of block letters mmdat does not build (rejected with
+            # the letter) and an optimizer option
+            'heads_q', 'local_orf', 'local_kv_sizes', 'lower_lr_kvs',
+            'ksize_qnas', 'nqs', 'qna_activation', 'deform_groups',
+            'offset_pes', 'use_cmt_mlps')
+# Of those, options that would change the blocks mmdat builds: must be off.
+_MUST_BE_OFF = ('offset_pes', 'use_cmt_mlps')
 
 
 def resolve_arch(arch: Union[str, dict]) -> dict:
@@ -91,6 +99,11 @@ def resolve_arch(arch: Union[str, dict]) -> dict:
         if arch.get(key, 0.0):
             raise ValueError(f'arch[{key!r}]={arch[key]} is not supported '
                              '(DAT++ uses 0.0)')
+    for key in _MUST_BE_OFF:
+        val = arch.get(key, False)
+        if any(val if isinstance(val, (list, tuple)) else [val]):
+            raise ValueError(f'arch[{key!r}]={val!r} is not supported (the '
+                             'published models use False)')
     for key in list(_PER_STAGE_DEFAULTS) + list(_REQUIRED):
         val = cfg[key]
         if not isinstance(val, (list, tuple)):
