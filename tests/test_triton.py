@@ -478,7 +478,7 @@ def test_can_run_reasons_without_interpreter():
             W=1, scale=1.0, positions_in_range=False)
 
 
-def _aot_compile(fn, pointers, constexprs, floats, num_warps=4):
+def _aot_compile(fn, pointers, constexprs, floats, num_warps=8):
     """Compile ``fn`` for an sm_90 GPU (H100/H200) without a GPU: Triton's
     real compiler (to PTX and cubin with the bundled ptxas), not the
     interpreter."""
@@ -516,9 +516,10 @@ def test_kernels_compile_for_sm90():
     fp32 = {n: '*fp32' for n in ptrs}
     _aot_compile(da._da_bwd_dkdv, fp32,
                  dict(da_meta, PREC='ieee', BLOCK_N=32, REDUCE_ROWS=True),
-                 floats, num_warps=8)
+                 floats)
     _aot_compile(na._na_bwd_dq, ptrs,
-                 dict(HAS_BIAS=True, BLOCK_M=64, BLOCK_D=32), floats)
+                 dict(HAS_BIAS=True, BLOCK_M=64, BLOCK_D=32), floats,
+                 num_warps=4)
 
 
 if __name__ == '__main__':
