@@ -46,6 +46,8 @@ Examples::
         --bench-shape 800 1216
 """
 import argparse
+import contextlib
+import logging
 import os
 import os.path as osp
 import statistics
@@ -300,6 +302,19 @@ def load_weights(model: nn.Module, checkpoint: str,
                       f'{unexpected[:5]}')
 
 
+@contextlib.contextmanager
+def _quiet_mmengine():
+    """mmengine's ``init_weights`` logs one INFO record per parameter."""
+    from mmengine.logging import MMLogger
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def build_model(config: Optional[str] = None,
                 checkpoint: Optional[str] = None,
                 arch: Optional[str] = None,
@@ -323,7 +338,8 @@ def build_model(config: Optional[str] = None,
         model = registry.MODELS.build(cfg.model)
         if not checkpoint and hasattr(model, 'init_weights'):
             try:
-                model.init_weights()
+                with _quiet_mmengine():
+                    model.init_weights()
             except FileNotFoundError as exc:
                 # e.g. the ImageNet weights a dense config starts from
                 warnings.warn(f'{config}: the initialisation reads a file '
