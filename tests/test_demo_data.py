@@ -73,7 +73,7 @@ def test_default_out_dir():
     assert mdd.DEFAULT_OUT_DIR == SCRIPT.parents[2] / 'data' / 'demo'
 
 
-@pytest.mark.parametrize('split,n_img', [('train', 48), ('val', 16)])
+@pytest.mark.parametrize('split,n_img', [('train', 160), ('val', 24)])
 def test_coco(demo, split, n_img):
     from pycocotools import mask as mask_utils
     from pycocotools.coco import COCO
@@ -110,7 +110,10 @@ def test_coco(demo, split, n_img):
             assert m.sum() == pytest.approx(ann['area'], rel=0.1, abs=8)
             # mask lies within the bbox (1 px slack)
             x, y, bw, bh = ann['bbox']
-            assert 20 * 0.5 <= max(bw, bh) <= 60
+            # large objects (nominal size 40..72 px; a square's side is
+            # 0.84 of it), at most about half the image side plus rotation
+            assert 33 <= max(bw, bh) <= 90
+            assert max(bw, bh) <= 0.7 * max(h, w)
             ys, xs = np.nonzero(m)
             assert xs.min() >= x - 1 and xs.max() <= x + bw + 1
             assert ys.min() >= y - 1 and ys.max() <= y + bh + 1
@@ -136,7 +139,7 @@ def test_coco(demo, split, n_img):
 
 def test_ade(demo):
     root = demo / 'ade'
-    for split, n_img in (('training', 48), ('validation', 16)):
+    for split, n_img in (('training', 96), ('validation', 24)):
         imgs = sorted((root / 'images' / split).glob('*.png'))
         labels = sorted((root / 'annotations' / split).glob('*.png'))
         assert len(imgs) == n_img
@@ -163,7 +166,7 @@ def test_imagenet(demo):
     classes = (root / 'meta' / 'classes.txt').read_text().split()
     assert tuple(classes) == mdd.IMAGENET_CLASSES == (
         'circle', 'square', 'triangle', 'cross')
-    for split, n_per in (('train', 24), ('val', 8)):
+    for split, n_per in (('train', 48), ('val', 16)):
         lines = (root / 'meta' / f'{split}.txt').read_text().splitlines()
         assert len(lines) == n_per * len(classes)
         listed = set()
