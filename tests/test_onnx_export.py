@@ -205,6 +205,30 @@ def _check_file(tool, path, expect_gathers=True):
     return types
 
 
+def test_onnx_export_picks_gather_by_itself(tool, tmp_path):
+    """Under torch.onnx.export the dispatcher takes the portable
+    implementation without being told (no dispatch.portable() block)."""
+    import onnx
+
+    class Sample(torch.nn.Module):
+        def forward(self, x, pos):
+            return bilinear_sample(x, pos)
+
+    x, pos = torch.randn(1, 2, 5, 6), torch.rand(1, 3, 4, 2) * 2 - 1
+    out = str(tmp_path / 'sample.onnx')
+    torch.onnx.export(Sample(), (x, pos), out, dynamo=False,
+                      opset_version=17, input_names=['x', 'pos'],
+                      dynamic_axes={'x': {2: 'h', 3: 'w'},
+                                    'pos': {1: 'hk', 2: 'wk'}})
+    types = {n.op_type for n in onnx.load(out).graph.node}
+    assert 'GatherElements' in types and 'GridSample' not in types
+    x, pos = torch.randn(1, 2, 7, 3), torch.rand(1, 2, 5, 2) * 2.6 - 1.3
+    got = tool.ort_session(out).run(None, {'x': x.numpy(),
+                                           'pos': pos.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), _grid_sample(x, pos),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_cli_classifier_dynamic(tool, tmp_path):
     """The demo classifier through the CLI: one dynamic file, ORT matches
     PyTorch's logits at 64x64, 112x100 and 40x30 (not multiples of 32),
