@@ -101,10 +101,11 @@ class SegmentorLogits(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         logits = self.model.decode_head(self.model.extract_feat(image))
-        # mmseg's resize() turns the size into Python ints, which a trace
-        # would freeze; the interpolation itself is the same
+        # mmseg takes the size from the image metas (Python ints, which a
+        # trace would freeze); the interpolation itself is the same
+        align = self.model.decode_head.align_corners
         return F.interpolate(logits, size=image.shape[2:], mode='bilinear',
-                             align_corners=self.model.decode_head.align_corners)
+                             align_corners=align)
 
 
 class Features(nn.Module):
