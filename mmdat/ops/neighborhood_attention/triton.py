@@ -41,6 +41,12 @@ def can_run_triton(ctx) -> Optional[str]:
     return None
 
 
+def _num_warps(block_d: int) -> int:
+    # ptxas -v (sm_90): head dims up to 32 fit 4 warps without spills,
+    # larger ones need 8
+    return 4 if block_d <= 32 else 8
+
+
 def _block_m(block_d: int) -> int:
     if _da_triton.BLOCK_OVERRIDE is not None:
         return _da_triton.BLOCK_OVERRIDE[0]
@@ -277,7 +283,7 @@ class _NeighborhoodAttentionTriton(torch.autograd.Function):
             r.stride(0) if has_bias else 0, r.stride(1) if has_bias else 0,
             *_s4(out), h, H, W, c, ks, scale * 1.4426950408889634,
             HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_D=block_d,
-            num_warps=4)
+            num_warps=_num_warps(block_d))
         LAUNCHES['neighborhood_forward'] += 1
         ctx.save_for_backward(q, k, v, rpb, out, lse)
         ctx.args = (ks, scale)
@@ -303,7 +309,7 @@ class _NeighborhoodAttentionTriton(torch.autograd.Function):
                   r.stride(0) if has_bias else 0,
                   r.stride(1) if has_bias else 0, *_s4(out))
         meta = dict(HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_D=block_d,
-                    num_warps=4)
+                    num_warps=_num_warps(block_d))
         grid = (triton.cdiv(H * W, block_m), B * h)
         _na_bwd_dq[grid](q, k, v, r, do, lse, delta, dq,
                          drpb if has_bias else dq, *common, h, H, W, c, ks,
