@@ -80,8 +80,11 @@ T="timeout -k 5"
 step() { echo "== $1 ($(( $(date +%s) - START )) s)" | tee -a "$LOG"; }
 
 step "pytest tests/test_cuda.py"
+# about 50 kernel variants compile here (dtypes x head dims x bias): spread
+# over processes when pytest-xdist is there (the Triton cache is shared)
+XDIST=""; "$PY" -c 'import xdist' 2>/dev/null && XDIST="-n ${TEST_WORKERS:-6}"
 $T "${TEST_TIMEOUT:-170}" "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider \
-  -rfEs --tb=short --durations=8 > "$OUTD/pytest.log" 2>&1
+  $XDIST -rfEs --tb=short --durations=8 > "$OUTD/pytest.log" 2>&1
 echo "pytest rc $?" | tee -a "$LOG"; tail -30 "$OUTD/pytest.log" | tee -a "$LOG"
 
 # first-call times are compile times: the benchmarks start from an empty
