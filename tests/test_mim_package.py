@@ -43,13 +43,25 @@ def _expected_names():
                   for p in _non_demo_configs())
 
 
+def _dev_only_tools():
+    """Developer scripts setup.py leaves out of the wheel (by file name)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        import setup  # import-safe: setup() runs under __main__ only
+    finally:
+        sys.path.remove(str(ROOT))
+    return tuple(getattr(setup, 'DEV_ONLY_TOOLS', ()))
+
+
 def _packaged_files():
     """Repository files that must be in ``mmdat/.mim`` (relative paths)."""
     files = ['model-index.yml']
+    dev_only = _dev_only_tools()
     for pattern in ('configs/**/*.py', 'configs/**/*.yml', 'tools/**/*.py',
                     'tools/**/*.sh'):
         files += [osp.relpath(p, ROOT)
-                  for p in glob.glob(str(ROOT / pattern), recursive=True)]
+                  for p in glob.glob(str(ROOT / pattern), recursive=True)
+                  if osp.basename(p) not in dev_only]
     return sorted(files)
 
 
@@ -84,7 +96,7 @@ def wheel(tmp_path_factory):
     src = tmp / 'src'
     src.mkdir()
     ignore = shutil.ignore_patterns('__pycache__', '*.pyc', '.mim', 'build',
-                                    '*.egg-info')
+                                    '*.egg-info', '*.so')
     for name in SOURCES:
         if (ROOT / name).is_dir():
             shutil.copytree(ROOT / name, src / name, ignore=ignore)
@@ -103,6 +115,9 @@ def test_wheel_holds_configs_and_tools(wheel):
             member = f'mmdat/.mim/{rel}'
             assert member in names, member
             assert zf.read(member) == (ROOT / rel).read_bytes(), member
+        for name in _dev_only_tools():
+            assert not [n for n in names if n.startswith('mmdat/.mim/tools/')
+                        and n.endswith('/' + name)], name
         for src in glob.glob(str(ROOT / 'mmdat/**/csrc/*.*'),
                              recursive=True):  # compiled on first use
             assert osp.relpath(src, ROOT) in names, src
