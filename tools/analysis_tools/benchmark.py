@@ -462,9 +462,10 @@ def main(argv=None) -> List[Dict]:
                             shape=args.shape, device=args.device,
                             dtype=args.dtype, tf32=args.tf32,
                             threads=args.threads, results=row, ratios=ratios))
+        if args.json:  # after each mode: a run cut short keeps what it has
+            with open(args.json, 'w') as f:
+                json.dump(results, f, indent=2)
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(results, f, indent=2)
         print(f'wrote {args.json}')
     return results
 
