@@ -62,9 +62,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.xfail(strict=True, reason='needs the gradient-layout hooks of '
-                   '/work/notes/requests_triton.md in DAT (remove this marker '
-                   'with that change)')
 @pytest.mark.skipif(not dist.is_available() or
                     not dist.is_gloo_available(),
                     reason='needs torch.distributed with gloo')

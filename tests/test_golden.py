@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, rel_err
+from conftest import ROOT, rel_err, require_impl
 from mmdat.models import DAT
 
 TOL = 1e-4
@@ -28,9 +28,10 @@ def backbone_weights(golden, manifests, fill):
     return sd
 
 
-@pytest.mark.parametrize('impl', ['auto', 'reference'])
+@pytest.mark.parametrize('impl', ['cpu', 'chunked', 'reference'])
 def test_backbone_matches_official(golden, backbone_weights, fill, impl):
     arch = dict(golden['backbone']['official_kwargs'])
+    require_impl(impl)
     model = DAT(arch=arch, out_indices=(0, 1, 2, 3), impl=impl).eval()
     model.load_state_dict(backbone_weights, strict=True)
     for case in golden['backbone']['cases']:

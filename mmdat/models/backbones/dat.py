@@ -5,6 +5,7 @@ The module tree and state-dict keys are those of the official code, so its
 published weights load as they are (see ``tools/model_converters``).
 """
 import copy
+import weakref
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -212,6 +213,34 @@ class DropPath(nn.Module):
         return f'p={self.p}'
 
 
+class _GradInParamLayout:
+    """Gradient hook: a gradient whose strides differ from its parameter's
+    only in size-1 dims is re-strided like the parameter (same memory, no
+    copy).
+
+    Convolutions on channels-last maps (the attention outputs are
+    channels-last by design, no transposing copy) give channels-last weight
+    gradients; for depthwise ``(C, 1, k, k)`` and 1x1 ``(O, I, 1, 1)``
+    weights autograd accepts that layout (size-1 dims do not count), but
+    DDP compares every stride, warns "Grad strides do not match bucket view
+    strides" and copies those gradients into its buckets at every step.
+    """
+
+    def __init__(self, param: torch.Tensor):
+        self.param = weakref.ref(param)
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        param = self.param()
+        if param is None or grad.stride() == param.stride() or \
+                grad.shape != param.shape:
+            return grad
+        if all(g == p or n == 1 for g, p, n in
+               zip(grad.stride(), param.stride(), grad.shape)):
+            return grad.as_strided(grad.shape, param.stride(),
+                                   grad.storage_offset())
+        return grad
+
+
 class DATStage(nn.Module):
     """One stage: ``depth`` blocks of ``[LPU] -> attention -> MLP``."""
 
@@ -387,6 +416,9 @@ class DAT(BaseModule):
         ])
         self._freeze_stages()
         self.register_load_state_dict_pre_hook(_resize_rpe_tables)
+        for p in self.parameters():
+            if p.dim() >= 2 and 1 in p.shape:
+                p.register_hook(_GradInParamLayout(p))
 
     # --------------------------------------------------------------- training
     def _frozen_modules(self) -> List[nn.Module]:
