@@ -46,34 +46,38 @@ for lib in ('mmdet', 'mmseg', 'mmpretrain'):
         pass
 loaded = set(sys.modules)
 before = snap()
-import {module}  # noqa: E402
-after = snap()
+import mmdat  # noqa: E402
+after_mmdat = snap()
 heavy = sorted(m for m in set(sys.modules) - loaded
                if m.split('.')[0] in ('mmdet', 'mmseg', 'mmpretrain'))
-print(json.dumps(dict(before=before, after=after, heavy=heavy,
-                      engine='mmdat.engine' in sys.modules)))
+engine_imported = 'mmdat.engine' in sys.modules
+import mmdat.engine  # noqa: E402
+print(json.dumps(dict(before=before, after_mmdat=after_mmdat,
+                      after_engine=snap(), heavy=heavy,
+                      engine=engine_imported)))
 '''
 
 
-def _snapshot(module):
-    proc = subprocess.run(
-        [sys.executable, '-c', SNAPSHOT.replace('{module}', module)],
-        cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope='module')
+def snapshots():
+    """Registries and loader before/after ``import mmdat`` and after
+    ``import mmdat.engine``, in one fresh process."""
+    proc = subprocess.run([sys.executable, '-c', SNAPSHOT], cwd=str(ROOT),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_import_mmdat_leaves_mmengine_alone():
-    res = _snapshot('mmdat')
-    assert res['after'] == res['before']
+def test_import_mmdat_leaves_mmengine_alone(snapshots):
+    res = snapshots
+    assert res['after_mmdat'] == res['before']
     assert res['before']['loader'].startswith('mmengine.')
     assert not res['engine']
     assert res['heavy'] == [], res['heavy']
 
 
-def test_import_mmdat_engine_adds_beside_upstream():
-    res = _snapshot('mmdat.engine')
-    before, after = res['before'], res['after']
+def test_import_mmdat_engine_adds_beside_upstream(snapshots):
+    before, after = snapshots['before'], snapshots['after_engine']
     added = {'hook': {'IterationSeedHook'},
              'model_wrapper': {'CPUDistributedDataParallel'},
              'optim_wrapper': {'CPUAmpOptimWrapper'}}
@@ -84,7 +88,6 @@ def test_import_mmdat_engine_adds_beside_upstream():
         for key in names:
             assert after[name][key].startswith('mmdat.engine.'), key
     assert after['loader'] == 'mmdat.engine.checkpoint.load_from_local'
-    assert res['heavy'] == [], res['heavy']
 
 
 class _Net(torch.nn.Module):
@@ -239,8 +242,8 @@ def test_amp_configs_get_a_cpu_optim_wrapper():
     from mmengine.optim import build_optim_wrapper
 
     from mmdat.apis import apply_amp
+    # (mmdet: test_mask_rcnn_amp_iteration_on_cpu)
     paths = [osp.join(ROOT, 'configs', p) for p in (
-        'mmdet/mask_rcnn_dat_pp_t_3x.py',
         'mmseg/upernet_dat_pp_t_160k_ade20k.py',
         'mmpretrain/dat_pp_t_in1k.py')]
     net = _Net()

@@ -131,9 +131,10 @@ def test_own_coco_config(tmp_path):
     assert (data / 'annotations' / 'instances_train.json').is_file()
     code = code.replace(f"data_root = '{root}'", f"data_root = '{data}/'")
     cfg = _as_config(code, tmp_path, 'own_demo.py')
+    import mmdet.datasets  # noqa: F401  (registers CocoDataset, transforms)
     from mmdet.registry import DATASETS
-    from mmdet.utils import register_all_modules
-    register_all_modules()
+    from mmengine.registry import init_default_scope
+    init_default_scope('mmdet')
     for split in ('train', 'val'):
         dataset = DATASETS.build(cfg[f'{split}_dataloader'].dataset)
         assert len(dataset) > 0, split
