@@ -417,7 +417,7 @@ class DAT(BaseModule):
         self._freeze_stages()
         self.register_load_state_dict_pre_hook(_resize_rpe_tables)
         for p in self.parameters():
-            if p.dim() >= 2 and 1 in p.shape:
+            if p.requires_grad and p.dim() >= 2 and 1 in p.shape:
                 p.register_hook(_GradInParamLayout(p))
 
     # --------------------------------------------------------------- training
