@@ -323,10 +323,11 @@ class DAT(BaseModule):
         with_cp: gradient checkpointing of each block.
         frozen_stages: ``k >= 0`` freezes the stem and the first ``k`` stages
             (each with its output norm and the downsampling after it).
-        impl: attention implementation: ``'auto'`` (fused CPU kernels; on
-            CUDA flex attention for inference, the chunked path for
-            training), ``'fast'`` (the chunked exact path), ``'reference'``
-            (the straightforward formulation) or ``'flex'`` (CUDA only).
+        impl: attention implementation of every block: ``'auto'`` (the
+            dispatcher of :mod:`mmdat.ops` chooses per call), ``'cpu'``
+            (C++ kernels), ``'triton'``, ``'flex'`` (CUDA), ``'chunked'``
+            (plain PyTorch, memory-lean) or ``'reference'`` (the spec).
+            ``mmdat.ops.explain(model, x)`` tells which ran and why.
         init_cfg: mmengine init config; ``dict(type='Pretrained',
             checkpoint=...)`` accepts official and converted checkpoints.
     """
