@@ -19,7 +19,9 @@ KEY="$(cat "$ROOT/requirements.txt" "$ROOT/tools/setup_env.sh" "$ROOT/setup.py" 
 KERNELS_OK='from mmdat.ops import library as L; import sys
 sys.exit(0 if L.build_info()["source"] == "aot" else 1)'
 
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ] && \
+site_dir() { "$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ] && [ -L "$(site_dir)/mmdat" ] && \
    "$PY" -c 'import mmdat, mmcv.ops, mmdet, mmseg, mmpretrain, onnx, onnxruntime, pandas' >/dev/null 2>&1 && \
    MMDAT_EXT=aot "$PY" -W ignore -c "$KERNELS_OK" >/dev/null 2>&1; then
   exit 0
@@ -86,6 +88,13 @@ pipi --no-deps mmdet==3.3.0 mmsegmentation==1.2.2 mmpretrain==1.2.0 openmim==0.3
 # chosen at run time) into mmdat/ops/_C*.so: about a minute on 2 cores
 log "installing mmdat (editable) and compiling its CPU kernels"
 MAX_JOBS="${MAX_JOBS:-$(nproc)}" pipi --no-deps --no-build-isolation -e "$ROOT"
+# openmim (`mim search mmdat`) reads <distribution location>/mmdat/.mim; a PEP
+# 660 editable install keeps its dist-info in site-packages and no mmdat there:
+# link the package (import mmdat finds the link first: the repository's files)
+SITE="$(site_dir)"
+if [ ! -e "$SITE/mmdat" ] || [ -L "$SITE/mmdat" ]; then
+  ln -sfn "$ROOT/mmdat" "$SITE/mmdat"
+fi
 "$PY" -c 'import mmdat, mmcv.ops, mmdet, mmseg, mmpretrain, onnx, onnxruntime, pandas' >/dev/null
 if ! MMDAT_EXT=aot "$PY" -W ignore -c "$KERNELS_OK"; then
   log "the compiled CPU kernels do not load:"
