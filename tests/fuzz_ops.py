@@ -10,7 +10,7 @@ out-of-bounds read that segfaults) fails that test instead of killing the
 test session. Run by hand: ``python -m pytest tests/fuzz_ops.py``.
 """
 import math
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence
 
 import pytest
 import torch

@@ -127,7 +127,8 @@ def test_no_compiler_falls_back_with_one_warning(tmp_path):
 
 
 def test_disabled_by_env(tmp_path):
-    env = dict(os.environ, MMDAT_NO_EXT='1', TORCH_EXTENSIONS_DIR=str(tmp_path))
+    env = dict(os.environ, MMDAT_NO_EXT='1',
+               TORCH_EXTENSIONS_DIR=str(tmp_path))
     proc = _run(SCRIPT + 'print(ext.unavailable_reason())', env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split()[0] == 'FALLBACK'
