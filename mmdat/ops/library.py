@@ -46,9 +46,9 @@ def cpu_ops_available() -> bool:
 
 
 def use_cpu_ops(x: torch.Tensor) -> bool:
-    """Whether attention on ``x`` runs the fused CPU ops: a CPU tensor, in
-    eager mode (under ``torch.compile`` inductor gets the pure-PyTorch path,
-    the ops have no meta kernels), and the ops are built."""
+    """Whether the C++ CPU ops can take ``x``: a CPU tensor, eager mode,
+    and the ops are loaded. (The dispatcher in ``mmdat.ops`` decides per op
+    and call; this stays for callers outside it.)"""
     return (x.device.type == 'cpu' and not torch.compiler.is_compiling()
             and cpu_ops_available())
 
