@@ -59,6 +59,42 @@ def isa(request):
         yield request.param
 
 
+WHEEL_SOURCES = ('setup.py', 'README.md', 'MANIFEST.in', 'requirements.txt',
+                 'model-index.yml', 'configs', 'tools', 'mmdat')
+
+
+@pytest.fixture(scope='session')
+def built_wheel(tmp_path_factory):
+    """A wheel of this checkout (a copy of the sources, ``pip wheel
+    --no-deps --no-build-isolation``, no index), compiled kernels included;
+    built once per test session (it compiles for a minute or two)."""
+    import shutil
+    import subprocess
+    if shutil.which(os.environ.get('CXX', 'c++')) is None:
+        pytest.skip('no C++ compiler to build the wheel')
+    tmp = tmp_path_factory.mktemp('wheel')
+    src = tmp / 'src'
+    src.mkdir()
+    ignore = shutil.ignore_patterns('__pycache__', '*.pyc', '.mim', 'build',
+                                    '*.egg-info', '*.so')
+    for name in WHEEL_SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, ignore=ignore)
+        else:
+            shutil.copy2(ROOT / name, src / name)
+    env = dict(os.environ, PIP_NO_INDEX='1',
+               PIP_DISABLE_PIP_VERSION_CHECK='1', MAX_JOBS='2')
+    env.pop('MMDAT_NO_EXT', None)
+    proc = subprocess.run(
+        [sys.executable, '-m', 'pip', 'wheel', '.', '--no-deps',
+         '--no-build-isolation', '-q', '-w', str(tmp / 'dist')], cwd=src,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    (path, ) = (tmp / 'dist').glob('mmdat-*.whl')
+    return path
+
+
 def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: end-to-end runs (minutes)')
     config.addinivalue_line('markers', 'gpu: needs CUDA')

@@ -5,7 +5,6 @@ the backbone's forward runs the C++ ops of the ahead-of-time module, for
 the best instruction set of this CPU, and nothing is compiled."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -16,8 +15,6 @@ from conftest import ROOT
 
 pytestmark = pytest.mark.slow  # compiles the kernels: minutes on 2 cores
 
-SOURCES = ('setup.py', 'README.md', 'MANIFEST.in', 'requirements.txt',
-           'model-index.yml', 'configs', 'tools', 'mmdat')
 FORWARD = '''
 import json, os, sys
 import torch
@@ -45,24 +42,9 @@ def _pip(*args, cwd=None):
     assert proc.returncode == 0, proc.stdout[-4000:]
 
 
-@pytest.fixture(scope='module')
-def wheel(tmp_path_factory):
-    if shutil.which(os.environ.get('CXX', 'c++')) is None:
-        pytest.skip('no C++ compiler to build the wheel')
-    tmp = tmp_path_factory.mktemp('aot')
-    src = tmp / 'src'
-    src.mkdir()
-    ignore = shutil.ignore_patterns('__pycache__', '*.pyc', '.mim', 'build',
-                                    '*.egg-info', '*.so')
-    for name in SOURCES:
-        if (ROOT / name).is_dir():
-            shutil.copytree(ROOT / name, src / name, ignore=ignore)
-        else:
-            shutil.copy2(ROOT / name, src / name)
-    _pip('wheel', '.', '--no-deps', '--no-build-isolation', '-q', '-w',
-         tmp / 'dist', cwd=src)
-    (path, ) = (tmp / 'dist').glob('mmdat-*.whl')
-    return path
+@pytest.fixture
+def wheel(built_wheel):
+    return built_wheel
 
 
 def test_wheel_holds_the_compiled_kernels(wheel):
