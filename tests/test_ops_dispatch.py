@@ -1,7 +1,6 @@
 """The ops layer: one dispatcher decides which implementation runs and
 says why; custom ops survive torch.export and torch.jit.trace; bad and NaN
 inputs give clear errors or NaN outputs."""
-import logging
 import os
 import subprocess
 import sys

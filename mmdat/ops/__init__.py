@@ -8,7 +8,7 @@ Which implementation runs, and why the others do not, is decided in
 :mod:`mmdat.ops.dispatch`; :func:`explain` runs a model once and tells, per
 attention module. ``MMDAT_LOG_LEVEL=debug`` logs every choice.
 """
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 

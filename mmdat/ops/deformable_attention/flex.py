@@ -29,7 +29,7 @@ def deformable_attention_flex(q, k, v, pos, table, *, H, W, scale,
                               positions_in_range=True):
     """flex_attention with the bilinear bias in the score function."""
     B, h, M, c = q.shape
-    g, Ns = pos.shape[1], pos.shape[2]
+    g = pos.shape[1]
     hg = h // g
     score_mod = None
     if table is not None:
