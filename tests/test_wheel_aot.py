@@ -11,7 +11,6 @@ import zipfile
 
 import pytest
 
-
 pytestmark = pytest.mark.slow  # compiles the kernels: minutes on 2 cores
 
 FORWARD = '''
