@@ -45,6 +45,14 @@ def cpu_ops_available() -> bool:
     return bool(_STATE['ok'])
 
 
+# The first load may happen in the first call of a torch.compile'd model:
+# dynamo runs this at trace time (a constant) instead of tracing the loader.
+@torch.compiler.assume_constant_result
+def ops_loaded() -> bool:
+    """:func:`cpu_ops_available`, as a constant under ``torch.compile``."""
+    return cpu_ops_available()
+
+
 def use_cpu_ops(x: torch.Tensor) -> bool:
     """Whether the C++ CPU ops can take ``x``: a CPU tensor, eager mode,
     and the ops are loaded. (The dispatcher in ``mmdat.ops`` decides per op

@@ -26,13 +26,6 @@ from . import chunked
 from .lookup import at_least_two_wide, clamped_corner
 
 
-# Loading the kernels (once per process) may happen in the first call of a
-# torch.compile'd model: dynamo runs it at trace time instead of tracing it.
-@torch.compiler.assume_constant_result
-def _kernels_loaded() -> bool:
-    return library.cpu_ops_available()
-
-
 def _can_run(ctx: Context) -> Optional[str]:
     if ctx.device.type != 'cpu':
         return f'needs CPU tensors, got {ctx.device.type}'
@@ -43,7 +36,7 @@ def _can_run(ctx: Context) -> Optional[str]:
                 'kernels assume positions in [-1, 1]')
     if ctx.dtype not in (torch.float32, torch.float64, torch.bfloat16):
         return f'dtype {ctx.dtype} not supported'
-    if not _kernels_loaded():
+    if not library.ops_loaded():
         return _unbuilt()
     return None
 

@@ -17,19 +17,12 @@ from .. import library
 from ..dispatch import Context, register
 
 
-# Loading the kernels (once per process) may happen in the first call of a
-# torch.compile'd model: dynamo runs it at trace time instead of tracing it.
-@torch.compiler.assume_constant_result
-def _kernels_loaded() -> bool:
-    return library.cpu_ops_available()
-
-
 def _can_run(ctx: Context) -> Optional[str]:
     if ctx.device.type != 'cpu':
         return f'needs CPU tensors, got {ctx.device.type}'
     if ctx.dtype not in (torch.float32, torch.float64, torch.bfloat16):
         return f'dtype {ctx.dtype} not supported'
-    if not _kernels_loaded():
+    if not library.ops_loaded():
         return 'the C++ kernels are not available (' + getattr(
             library, 'unavailable_reason', lambda: 'not built')() + ')'
     return None
