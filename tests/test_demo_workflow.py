@@ -115,8 +115,14 @@ def test_summary_floors_met(tmp_path, capsys):
     assert overview == str(tmp_path / 'overview.png')
     assert f'overview: {overview}' in out
     with Image.open(overview) as im:
-        # three tasks of three cells (192 px high each, plus captions)
-        assert im.height >= 3 * 192 and im.width >= 3 * 192
+        # three tasks of four cells (192 px high each, plus captions)
+        assert im.height >= 3 * 192 and im.width >= 4 * 192 * 40 / 30
+
+
+def test_summary_spreads_the_samples():
+    names = [f'{c}_{i}' for c in 'abcd' for i in range(16)]
+    assert SUMMARY.spread(names, 4) == ['a_0', 'b_0', 'c_0', 'd_0']
+    assert SUMMARY.spread(names[:3], 4) == names[:3]
 
 
 @pytest.mark.parametrize('key,value', [('accuracy/top1', 94.9),

@@ -6,10 +6,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 usage() {
   cat <<'EOF'
-usage: bash tools/run_demo.sh [--work-dir DIR] [--verbose] [--no-setup] [-h]
+usage: bash tools/run_demo.sh [--work-dir DIR] [--quick] [--verbose] [--no-setup] [-h]
 
 The DAT++ workflow on the bundled synthetic demo data, on the CPU (about
-6-7 minutes on an idle 2-core machine after the set-up):
+9 minutes on an idle 2-core machine after the set-up):
   1. set up ./.venv (tools/setup_env.sh; nothing to do when it is there) and
      generate the demo data into data/demo/ (tools/dataset_converters/
      make_demo_data.py; kept when up to date);
@@ -33,6 +33,9 @@ runs on the same machine print the same metrics.
 options:
   --work-dir DIR  where runs, logs, summary and overview go (default
                   work_dirs/demo; its previous demo outputs are replaced)
+  --quick         a smoke test of the whole job in a few minutes: every
+                  stage runs, with schedules of a few iterations on a few
+                  images; the floors are not checked (the metrics are low)
   --verbose       print the training and test logs as they are written
   --no-setup      do not run tools/setup_env.sh (use PYTHON as it is)
   -h, --help      show this help and exit
@@ -51,6 +54,7 @@ EOF
 WD="work_dirs/demo"
 VERBOSE=0
 SETUP=1
+QUICK=0
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
@@ -58,6 +62,7 @@ while [ $# -gt 0 ]; do
                 WD="$2"; shift 2 ;;
     --work-dir=*) WD="${1#*=}"; shift ;;
     --verbose) VERBOSE=1; shift ;;
+    --quick) QUICK=1; shift ;;
     --no-setup) SETUP=0; shift ;;
     *) echo "run_demo.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -77,11 +82,15 @@ CLS=configs/mmpretrain/dat_pp_demo.py
 SEG=configs/mmseg/upernet_dat_pp_demo.py
 DET=configs/mmdet/mask_rcnn_dat_pp_demo.py
 
-# Expected seconds per stage on an idle 2-core machine (measured); the ETA
-# scales the remaining ones by how fast the finished stages ran.
+# Expected seconds per stage on an idle 2-core machine (estimated from the
+# stages' CPU times); the ETA scales the remaining ones by how much slower
+# the finished stages ran.
 STAGES=(data cls_train cls_test seg_train seg_test det_train det_test summary)
-declare -A EXPECT=([data]=8 [cls_train]=45 [cls_test]=12 [seg_train]=100
-                   [seg_test]=15 [det_train]=190 [det_test]=20 [summary]=4)
+declare -A EXPECT=([data]=8 [cls_train]=40 [cls_test]=12 [seg_train]=70
+                   [seg_test]=15 [det_train]=360 [det_test]=20 [summary]=4)
+if [ "$QUICK" = 1 ]; then
+  EXPECT[cls_train]=20; EXPECT[seg_train]=20; EXPECT[det_train]=25
+fi
 declare -A TITLE=(
   [data]="generating the demo data (data/demo)"
   [cls_train]="training the classifier ($CLS)"
@@ -161,7 +170,21 @@ run_stage() {
 # test_stage STAGE CONFIG RUN: test the last checkpoint of DIR/RUN, painted
 # predictions into DIR/RUN/vis.
 train_stage() {
-  run_stage "$1" "$PY" tools/train.py "$2" --work-dir "$WD/$3"
+  local opts=()
+  if [ "$QUICK" = 1 ]; then
+    case "$1" in
+      cls_train) opts=(train_cfg.max_epochs=2 train_cfg.val_interval=2
+                       default_hooks.checkpoint.interval=2
+                       train_dataloader.dataset.indices=32) ;;
+      seg_train) opts=(train_cfg.max_iters=4 train_cfg.val_interval=4
+                       default_hooks.checkpoint.interval=4) ;;
+      det_train) opts=(train_cfg.max_epochs=1 train_cfg.val_interval=1
+                       default_hooks.checkpoint.interval=1
+                       train_dataloader.dataset.indices=8) ;;
+    esac
+    opts=(--cfg-options "${opts[@]}")
+  fi
+  run_stage "$1" "$PY" tools/train.py "$2" --work-dir "$WD/$3" "${opts[@]}"
 }
 test_stage() {
   local ckpt
@@ -204,7 +227,9 @@ train_stage det_train "$DET_FT" mask_rcnn_dat_pp_demo
 test_stage det_test "$DET_FT" mask_rcnn_dat_pp_demo
 progress summary
 status=0
-"$PY" tools/analysis_tools/summarize_demo.py "$WD" || status=$?
+floors=()
+[ "$QUICK" = 1 ] && floors=(--no-floors)
+"$PY" tools/analysis_tools/summarize_demo.py "$WD" "${floors[@]}" || status=$?
 if [ "$status" -ne 0 ]; then
   echo "run_demo.sh: FAILED (exit status $status): see the summary above" >&2
 fi

@@ -45,8 +45,9 @@ FLOORS: Dict[str, float] = {
     'coco/bbox_mAP': 0.5,
     'coco/segm_mAP': 0.4,
 }
-#: painted predictions per task in the overview
-SAMPLES = 3
+#: painted predictions per task in the overview (evenly spread over the
+#: sorted file names: one per class for the classifier's val/<class>/ files)
+SAMPLES = 4
 #: height of one overview cell (px); images are scaled to it
 CELL_HEIGHT = 192
 
@@ -119,16 +120,28 @@ def _label(image, text: str):
     return out
 
 
-def make_overview(rows: Sequence[Tuple[str, Sequence[str]]],
+def spread(items: Sequence[str], k: int) -> List[str]:
+    """``k`` items evenly spread over ``items`` (all when there are fewer)."""
+    n = len(items)
+    if n <= k:
+        return list(items)
+    return [items[i * n // k] for i in range(k)]
+
+
+def make_overview(rows: Sequence[Tuple[str, Sequence[str], bool]],
                   out_file: str) -> str:
-    """Grid of painted predictions: one row per (caption, image paths)."""
+    """Grid of painted predictions: one row per (caption, image paths,
+    whether to swap red and blue)."""
     from PIL import Image
     tiles = []
-    for caption, paths in rows:
+    for caption, paths, swap in rows:
         cells = []
         for path in paths:
             with Image.open(path) as im:
                 im = im.convert('RGB')
+                if swap:
+                    r, g, b = im.split()
+                    im = Image.merge('RGB', (b, g, r))
                 scale = CELL_HEIGHT / im.height
                 cells.append(im.resize(
                     (max(1, round(im.width * scale)), CELL_HEIGHT),
@@ -151,6 +164,10 @@ def make_overview(rows: Sequence[Tuple[str, Sequence[str]]],
     canvas.save(out_file)
     return out_file
 
+
+#: mmpretrain's VisualizationHook paints the network input, which is still
+#: in the loader's BGR order, as if it were RGB: swapped back in the overview
+BGR_PAINTED = ('classification', )
 
 CAPTIONS = {
     'classification': 'classification (top-1): ground truth and prediction '
@@ -190,8 +207,8 @@ def summarize(root: str, floors: Optional[Dict[str, float]] = FLOORS,
     missed = check_floors(metrics, floors) if floors else []
 
     overview = None
-    rows = [(CAPTIONS[t], images[t][:samples]) for t in TASKS
-            if images.get(t)]
+    rows = [(CAPTIONS[t], spread(images[t], samples), t in BGR_PAINTED)
+            for t in TASKS if images.get(t)]
     if rows:
         overview = make_overview(rows, osp.join(root, 'overview.png'))
 
@@ -212,7 +229,8 @@ def summarize(root: str, floors: Optional[Dict[str, float]] = FLOORS,
 
     print('=' * 72)
     print(f'DAT++ demo summary ({root})')
-    for task, values in metrics.items():
+    for task in (t for t in TASKS if t in metrics):
+        values = metrics[task]
         shown = ', '.join(f'{k}={v:.3f}' if isinstance(v, float) else
                           f'{k}={v}' for k, v in values.items())
         print(f'  {task:15s} {shown}')
