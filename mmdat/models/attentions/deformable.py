@@ -87,8 +87,14 @@ class DeformableAttention(nn.Module):
             torch.promote_types(q.dtype, torch.float32))
         Hk, Wk = offset.shape[-2:]
         if self.offset_range_factor >= 0 and not self.no_off:
-            rng = offset.new_tensor([1.0 / max(Hk - 1, 1),
-                                     1.0 / max(Wk - 1, 1)]).view(1, 2, 1, 1)
+            if torch.jit.is_tracing():  # sizes are tensors (ONNX export)
+                rng = torch.stack([
+                    1.0 / torch.clamp(torch.as_tensor(n - 1), min=1).to(
+                        offset.dtype) for n in (Hk, Wk)]).view(1, 2, 1, 1)
+            else:
+                rng = offset.new_tensor([1.0 / max(Hk - 1, 1),
+                                         1.0 / max(Wk - 1, 1)]).view(
+                                             1, 2, 1, 1)
             offset = offset.tanh() * rng * self.offset_range_factor
         offset = offset.permute(0, 2, 3, 1)
         ref = torch.stack(torch.meshgrid(
