@@ -244,7 +244,8 @@ def test_demo_detector_is_reproducible(tmp_path):
 def test_run_demo_meets_the_quality_floors(tmp_path):
     work = tmp_path / 'demo'
     proc = subprocess.run(
-        ['bash', str(SCRIPT), '--no-setup', '--work-dir', str(work)],
+        ['bash', str(SCRIPT), '--no-setup', '--strict', '--work-dir',
+         str(work)],
         cwd=str(ROOT), env=_env(PYTHON=PY), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, timeout=3600)
     out = proc.stdout

@@ -38,16 +38,17 @@ options:
                   images; the floors are not checked (the metrics are low)
   --verbose       print the training and test logs as they are written
   --no-setup      do not run tools/setup_env.sh (use PYTHON as it is)
+  --strict        exit 1 when a quality floor is missed (default: a warning)
   -h, --help      show this help and exit
 
 environment:
   PYTHON           the interpreter (default: ./.venv/bin/python)
   OMP_NUM_THREADS  threads per process (default 2)
 
-Exit status: 0 when every stage ran and every quality floor was met
-(top-1 >= 95, mIoU >= 85, COCO bbox mAP >= 0.5, segm mAP >= 0.4); 1 when
-a floor was missed (the summary names it); the stage's status when a stage
-failed.
+Exit status: 0 when every stage ran (a missed quality floor - top-1 >= 95,
+mIoU >= 85, COCO bbox mAP >= 0.5, segm mAP >= 0.4 - is a warning that the
+summary names; with --strict it is status 1); the stage's status when a
+stage failed.
 EOF
 }
 
@@ -55,6 +56,7 @@ WD="work_dirs/demo"
 VERBOSE=0
 SETUP=1
 QUICK=0
+STRICT=0
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
@@ -64,6 +66,7 @@ while [ $# -gt 0 ]; do
     --verbose) VERBOSE=1; shift ;;
     --quick) QUICK=1; shift ;;
     --no-setup) SETUP=0; shift ;;
+    --strict) STRICT=1; shift ;;
     *) echo "run_demo.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
   esac
 done
@@ -230,6 +233,14 @@ status=0
 floors=()
 [ "$QUICK" = 1 ] && floors=(--no-floors)
 "$PY" tools/analysis_tools/summarize_demo.py "$WD" "${floors[@]}" || status=$?
+if [ "$status" -eq 1 ] && [ "$STRICT" = 0 ] && "$PY" -c '
+import json, sys
+sys.exit(0 if json.load(open(sys.argv[1]))["missed_floors"] else 1)' \
+    "$WD/summary.json" 2>/dev/null; then
+  echo "run_demo.sh: WARNING: quality floors missed (named above); every" \
+       "stage ran. --strict makes this an error." >&2
+  status=0
+fi
 if [ "$status" -ne 0 ]; then
   echo "run_demo.sh: FAILED (exit status $status): see the summary above" >&2
 fi
