@@ -818,16 +818,19 @@ def test_mim_train_and_test_det(demo_data, tmp_path):
 # ---------------------------------------------------------------------------
 # chance: 4 balanced classes -> top-1 25; all-background segmentation -> mIoU
 # about 23 (one of 4 classes right); random boxes -> AP50 about 0.
+# The demo detector's schedule (800 iterations) is the main job's, minutes
+# beyond this suite's budget (even 160 iterations took 8 CPU-minutes); its
+# learning is checked by the main job's floors (test_demo_workflow,
+# MMDAT_RUN_DEMO=1), its pipeline by the short runs in this file.
 LEARNS = {
     'cls': ('accuracy/top1', 60.0),
     'seg': ('mIoU', 40.0),
-    'det': ('coco/bbox_mAP_50', 0.02),
 }
 
 
 @pytest.mark.slow
 @needs_stack
-@pytest.mark.parametrize('kind', ['cls', 'seg', 'det'])
+@pytest.mark.parametrize('kind', sorted(LEARNS))
 def test_demo_learns(kind, demo_data, tmp_path):
     """Train the demo config with its own schedule on the bundled data and
     check the final validation metric is clearly above chance."""
