@@ -91,8 +91,12 @@ def test_golden_on_cuda_bf16(impl):
     _check(_golden_case('cuda', autocast=BF16, impl=impl), 5e-2)
 
 
-def test_auto_is_triton_for_training_and_inference():
+def test_auto_is_triton_for_training_and_inference(monkeypatch):
+    """What auto picks once the Triton kernels are verified on a GPU (until
+    then MMDAT_AUTO_INCLUDE=triton opts in; without it auto keeps flex for
+    inference and chunked for training)."""
     from mmdat.ops import dispatch
+    monkeypatch.setenv('MMDAT_AUTO_INCLUDE', 'triton')
     model = DAT(arch=TINY_ARCH).cuda()
     x = torch.randn(1, 3, 64, 64, device='cuda')
     for grad in (False, True):

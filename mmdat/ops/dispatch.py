@@ -95,10 +95,17 @@ class _State(threading.local):
 _STATE = _State()
 _DISABLED: set = set()
 #: implementations that ``auto`` does not pick (yet), with the reason;
-#: naming them with ``impl=`` still selects them
+#: naming them with ``impl=`` still selects them, and
+#: ``MMDAT_AUTO_INCLUDE=triton`` (a comma list) lets ``auto`` pick them
 AUTO_EXCLUDED: Dict[str, str] = {
-    'triton': 'not yet verified on a GPU; impl="triton" selects it',
+    'triton': ('not yet verified on a GPU; impl="triton" (or '
+               'MMDAT_AUTO_INCLUDE=triton) selects it'),
 }
+
+
+def _auto_excluded(name: str) -> Optional[str]:
+    included = os.environ.get('MMDAT_AUTO_INCLUDE', '').split(',')
+    return None if name in included else AUTO_EXCLUDED.get(name)
 
 
 def register(op: str, name: str, can_run: Callable[[Context], Optional[str]],
@@ -172,7 +179,7 @@ def choose(op: str, impl: str, ctx: Context,
     impl = _ALIASES.get(impl, impl)
     found = reasons(op, ctx)
     if impl == AUTO:
-        found = [(n, AUTO_EXCLUDED.get(n) if r is None else r)
+        found = [(n, _auto_excluded(n) if r is None else r)
                  for n, r in found]
     by_name = {i.name: i for i in implementations(op)}
     if impl == AUTO:
