@@ -34,8 +34,6 @@ from test_model_index import _non_demo_configs
 
 MIM = ROOT / 'mmdat' / '.mim'
 MIM_FILES = ('model-index.yml', 'configs', 'tools')
-SOURCES = ('setup.py', 'README.md', 'MANIFEST.in', 'requirements.txt',
-           'model-index.yml', 'configs', 'tools', 'mmdat')
 
 
 def _expected_names():
@@ -90,22 +88,10 @@ def test_editable_install_links_the_sources():
         assert (MIM / model.config).is_file(), model.config
 
 
-@pytest.fixture(scope='module')
-def wheel(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp('wheel')
-    src = tmp / 'src'
-    src.mkdir()
-    ignore = shutil.ignore_patterns('__pycache__', '*.pyc', '.mim', 'build',
-                                    '*.egg-info', '*.so')
-    for name in SOURCES:
-        if (ROOT / name).is_dir():
-            shutil.copytree(ROOT / name, src / name, ignore=ignore)
-        else:
-            shutil.copy2(ROOT / name, src / name)
-    _run([sys.executable, '-m', 'pip', 'wheel', '.', '--no-deps',
-          '--no-build-isolation', '-q', '-w', tmp / 'dist'], cwd=src)
-    (path, ) = (tmp / 'dist').glob('mmdat-*.whl')
-    return path
+@pytest.fixture
+def wheel(built_wheel):
+    """The session's wheel of this checkout (conftest)."""
+    return built_wheel
 
 
 def test_wheel_holds_configs_and_tools(wheel):
