@@ -37,11 +37,16 @@ def _fresh_dynamo():
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     old_threads = inductor_config.compile_threads
+    old_caches = inductor_config.force_disable_caches
     inductor_config.compile_threads = 1  # no worker pool on a shared CPU
+    # a compiled graph cached by an earlier checkout could hold its custom
+    # ops' old output strides: compile what this checkout says
+    inductor_config.force_disable_caches = True
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
     inductor_config.compile_threads = old_threads
+    inductor_config.force_disable_caches = old_caches
     torch.set_num_threads(n)
 
 

@@ -83,7 +83,7 @@ def test_portable_mode_takes_portable_implementations():
         with pytest.raises(RuntimeError, match='not portable'):
             dispatch.choose('deformable_attention', 'cpu', _ctx())
     assert got == {'deformable_attention': 'chunked',
-                   'neighborhood_attention': 'reference',
+                   'neighborhood_attention': 'gather',
                    'bilinear_sample': 'gather'}
     assert not dispatch.is_portable()
 
@@ -170,3 +170,37 @@ def test_nan_features_give_nan_not_errors(impl):
     y = torch.randn(1, 16, 6, 6)
     y[..., 2, 2] = float('nan')
     assert na(y).isnan().any()
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_custom_ops_pass_opcheck(dtype):
+    """Fake kernels (shapes and strides), autograd registration and schemas
+    of the custom ops agree with the real kernels, for strided inputs (the
+    modules pass views) - what torch.compile's backward relies on."""
+    from mmdat.ops.deformable_attention.lookup import clamped_corner
+    require_impl('cpu')
+    torch.manual_seed(0)
+    B, h, g, H, W, Ns, c = 1, 4, 2, 5, 7, 18, 16
+
+    def view(*shape):  # (B, h, n, c) view of a (B, h, c, n) map
+        t = torch.randn(B, shape[1], shape[3], shape[2], dtype=dtype)
+        return t.transpose(2, 3).requires_grad_()
+
+    q, k, v = view(B, h, H * W, c), view(B, h, Ns, c), view(B, h, Ns, c)
+    table = torch.randn(g, h // g, 9, 9, dtype=dtype, requires_grad=True)
+    pos = torch.rand(B * g, Ns, 2, dtype=dtype) * 2 - 1
+    y0, fy = clamped_corner(pos[None, ..., 0], H, 9)
+    x0, fx = clamped_corner(pos[None, ..., 1], W, 9)
+    args = (q, k, v, table, y0[0].int(), fy[0].requires_grad_(),
+            x0[0].int(), fx[0].requires_grad_(), 0.25)
+    torch.library.opcheck(torch.ops.mmdat.deformable_attention_cpu, args)
+    qkv = torch.randn(B, 6, 7, 3, h, c, dtype=dtype)
+    qn, kn, vn = (t.requires_grad_() for t in
+                  qkv.permute(3, 0, 4, 1, 2, 5).unbind(0))
+    rpb = torch.randn(h, 5, 5, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(torch.ops.mmdat.neighborhood_attention_cpu,
+                          (qn, kn, vn, rpb, 3, 0.25))
+    with torch.no_grad():
+        torch.library.opcheck(
+            torch.ops.mmdat.neighborhood_attention_cpu_inference,
+            (qn.detach(), kn.detach(), vn.detach(), rpb.detach(), 3, 0.25))

@@ -133,19 +133,20 @@ def _backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
         dtab = dtab.view(B, g, hg, Ty, Tx).sum(0)
         dfy = dfy.view(B, g, hg, *fy.shape[1:]).sum(2).flatten(0, 1)
         dfx = dfx.view(B, g, hg, *fx.shape[1:]).sum(2).flatten(0, 1)
-        return [dq.view(B, h, M, c), dk.view(B, h, Ns, c),
-                dv.view(B, h, Ns, c), dtab, dfy, dfx]
-    dq, dk, dv, dtab, dfy, dfx = _chunked_backward(
-        grad, qf, kf, vf, out, table, y0, fy, x0, fx, scale, h)
-    return [dq.view(B, h, M, c), dk.view(B, h, Ns, c),
-            dv.view(B, h, Ns, c), dtab, dfy, dfx]
+    else:
+        dq, dk, dv, dtab, dfy, dfx = _chunked_backward(
+            grad, qf, kf, vf, out, table, y0, fy, x0, fx, scale, h)
+    # contiguous, as the fake kernel says
+    return [dq.reshape(B, h, M, c).contiguous(),
+            dk.reshape(B, h, Ns, c).contiguous(),
+            dv.reshape(B, h, Ns, c).contiguous(), dtab.contiguous(),
+            dfy.contiguous(), dfx.contiguous()]
 
 
 @_backward.register_fake
 def _backward_fake(grad, q, k, v, out, table, y0, fy, x0, fx, scale):
-    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(table), torch.empty_like(fy),
-            torch.empty_like(fx)]
+    # the real gradients are contiguous whatever the inputs' strides
+    return [t.new_empty(t.shape) for t in (q, k, v, table, fy, fx)]
 
 
 def _setup_context(ctx, inputs, output):
@@ -156,8 +157,12 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd_backward(ctx, grad):
     q, k, v, table, y0, fy, x0, fx, out = ctx.saved_tensors
-    dq, dk, dv, dtab, dfy, dfx = torch.ops.mmdat.deformable_attention_cpu_backward(
-        grad, q, k, v, out, table, y0, fy, x0, fx, ctx.scale)
+    # contiguous operands (the kernels copy strided ones anyway): under
+    # inductor the saved views may come with other strides than traced
+    q, k, v, grad, out = (t.contiguous() for t in (q, k, v, grad, out))
+    dq, dk, dv, dtab, dfy, dfx = \
+        torch.ops.mmdat.deformable_attention_cpu_backward(
+            grad, q, k, v, out, table, y0, fy, x0, fx, ctx.scale)
     return dq, dk, dv, dtab, None, dfy, None, dfx, None
 
 

@@ -6,7 +6,8 @@ by side, one entry point.
 ``triton``     fused Triton kernels (CUDA; CPU under ``TRITON_INTERPRET=1``)
 ``flex``       ``flex_attention`` with a window block mask (CUDA)
 ``chunked``    plain PyTorch, query tiles against key halos, masked SDPA
-``reference``  the spec: explicit window gathers (portable)
+``gather``     plain PyTorch, one flat gather per tensor (portable: ONNX)
+``reference``  the spec: explicit window gathers and einsums
 =============  ============================================================
 """
 import importlib
@@ -22,11 +23,12 @@ except ImportError:
     pass
 from . import flex  # noqa: F401,E402
 from . import chunked  # noqa: F401,E402
+from . import gather  # noqa: F401,E402
 from . import reference  # noqa: F401,E402
 from .reference import window_starts  # noqa: E402
 
 OP = 'neighborhood_attention'
-set_order(OP, ('cpu', 'triton', 'flex', 'chunked', 'reference'))
+set_order(OP, ('cpu', 'triton', 'flex', 'chunked', 'gather', 'reference'))
 __all__ = ['neighborhood_attention', 'window_starts']
 
 

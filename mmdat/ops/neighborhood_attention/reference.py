@@ -27,19 +27,15 @@ def neighborhood_attention_reference(q, k, v, rpb, *, kernel_size, scale):
     ar = torch.arange(ks, device=q.device)
     rows = window_starts(H, ks, q.device)[:, None] + ar  # (H, ks)
     cols = window_starts(W, ks, q.device)[:, None] + ar  # (W, ks)
-    # flat key index of every (query, window slot): one gather on one axis
-    # (exports as a single Gather; multi-axis indexing becomes transposes)
-    idx = (rows[:, None, :, None] * W + cols[None, :, None, :]).reshape(-1)
-    kn = k.reshape(B, h, H * W, c).index_select(2, idx).reshape(
-        B, h, H * W, ks * ks, c)
-    vn = v.reshape(B, h, H * W, c).index_select(2, idx).reshape(
-        B, h, H * W, ks * ks, c)
+    R = rows[:, None, :, None]
+    Cc = cols[None, :, None, :]
+    kn = k[:, :, R, Cc]  # (B, h, H, W, ks, ks, c)
+    vn = v[:, :, R, Cc]
+    logits = torch.einsum('bhijc,bhijxyc->bhijxy', q * scale, kn)
     rel_r = rows - torch.arange(H, device=q.device)[:, None] + ks - 1
     rel_c = cols - torch.arange(W, device=q.device)[:, None] + ks - 1
-    bidx = (rel_r[:, None, :, None] * (2 * ks - 1)
-            + rel_c[None, :, None, :]).reshape(-1)
-    bias = rpb.reshape(h, -1).index_select(1, bidx).reshape(
-        1, h, H * W, ks * ks)
-    logits = (kn * (q * scale).reshape(B, h, H * W, 1, c)).sum(-1)
-    attn = (logits + bias.to(logits.dtype)).softmax(-1)
-    return (attn.unsqueeze(-1) * vn).sum(-2).reshape(B, h, H, W, c)
+    bias = rpb[:, rel_r[:, None, :, None], rel_c[None, :, None, :]]
+    logits = logits + bias.to(logits.dtype)
+    attn = logits.reshape(B, h, H, W, ks * ks).softmax(-1)
+    attn = attn.reshape(B, h, H, W, ks, ks)
+    return torch.einsum('bhijxy,bhijxyc->bhijc', attn, vn)
