@@ -7,10 +7,8 @@ fast in ONNX Runtime. Portable: chosen under ``mmdat.ops.portable()`` and
 ONNX export."""
 from typing import Optional
 
-import torch
-
 from ..dispatch import Context, register
-from .reference import window_starts
+from .reference import window_indices
 
 
 def _can_run(ctx: Context) -> Optional[str]:
@@ -23,9 +21,7 @@ def neighborhood_attention_gather(q, k, v, rpb, *, kernel_size, scale):
     """One flat-index gather per tensor, multiply-sum (ONNX friendly)."""
     B, h, H, W, c = q.shape
     ks = kernel_size
-    ar = torch.arange(ks, device=q.device)
-    rows = window_starts(H, ks, q.device)[:, None] + ar  # (H, ks)
-    cols = window_starts(W, ks, q.device)[:, None] + ar  # (W, ks)
+    rows, cols, rel_r, rel_c = window_indices(H, W, ks, q.device)
     # flat key index of every (query, window slot): one gather on one axis
     # (exports as a single Gather; multi-axis indexing becomes transposes)
     idx = (rows[:, None, :, None] * W + cols[None, :, None, :]).reshape(-1)
@@ -33,8 +29,6 @@ def neighborhood_attention_gather(q, k, v, rpb, *, kernel_size, scale):
         B, h, H * W, ks * ks, c)
     vn = v.reshape(B, h, H * W, c).index_select(2, idx).reshape(
         B, h, H * W, ks * ks, c)
-    rel_r = rows - torch.arange(H, device=q.device)[:, None] + ks - 1
-    rel_c = cols - torch.arange(W, device=q.device)[:, None] + ks - 1
     bidx = (rel_r[:, None, :, None] * (2 * ks - 1)
             + rel_c[None, :, None, :]).reshape(-1)
     bias = rpb.reshape(h, -1).index_select(1, bidx).reshape(

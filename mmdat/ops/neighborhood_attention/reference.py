@@ -14,6 +14,17 @@ def window_starts(n, k: int, device=None) -> torch.Tensor:
     return (torch.arange(n, device=device) - k // 2).clamp(0, n - k)
 
 
+def window_indices(H, W, ks: int, device=None):
+    """Key rows ``(H, ks)`` and columns ``(W, ks)`` of every query's window,
+    and their offsets into ``rpb`` (``key - query + ks - 1``), same shapes."""
+    ar = torch.arange(ks, device=device)
+    rows = window_starts(H, ks, device)[:, None] + ar
+    cols = window_starts(W, ks, device)[:, None] + ar
+    rel_r = rows - torch.arange(H, device=device)[:, None] + ks - 1
+    rel_c = cols - torch.arange(W, device=device)[:, None] + ks - 1
+    return rows, cols, rel_r, rel_c
+
+
 def _can_run(ctx: Context) -> Optional[str]:
     return None
 
@@ -24,16 +35,12 @@ def neighborhood_attention_reference(q, k, v, rpb, *, kernel_size, scale):
     """Explicit ``k x k`` window gathers, full softmax per query."""
     B, h, H, W, c = q.shape
     ks = kernel_size
-    ar = torch.arange(ks, device=q.device)
-    rows = window_starts(H, ks, q.device)[:, None] + ar  # (H, ks)
-    cols = window_starts(W, ks, q.device)[:, None] + ar  # (W, ks)
+    rows, cols, rel_r, rel_c = window_indices(H, W, ks, q.device)
     R = rows[:, None, :, None]
     Cc = cols[None, :, None, :]
     kn = k[:, :, R, Cc]  # (B, h, H, W, ks, ks, c)
     vn = v[:, :, R, Cc]
     logits = torch.einsum('bhijc,bhijxyc->bhijxy', q * scale, kn)
-    rel_r = rows - torch.arange(H, device=q.device)[:, None] + ks - 1
-    rel_c = cols - torch.arange(W, device=q.device)[:, None] + ks - 1
     bias = rpb[:, rel_r[:, None, :, None], rel_c[None, :, None, :]]
     logits = logits + bias.to(logits.dtype)
     attn = logits.reshape(B, h, H, W, ks * ks).softmax(-1)
