@@ -112,10 +112,12 @@ def _neighborhood_ref(q, k, v, rpb, ks, scale):
     return out
 
 
-def _compare(fn, ref, inputs, names, dtype, seed, device='cpu'):
+def _compare(fn, ref, inputs, names, dtype, seed, device='cpu',
+             skip=None):
     """Run ``fn`` on ``inputs`` (on ``device``, cast to ``dtype`` where
     floating, the positions and tables kept float32) and ``ref`` on float64
-    CPU copies; errors of the output and of every input gradient."""
+    CPU copies; errors of the output and of every input gradient.
+    ``skip``: ``{name: bool mask}`` of gradient entries left out."""
     import torch
     torch.manual_seed(seed)
     ours = [None if t is None else
@@ -132,8 +134,28 @@ def _compare(fn, ref, inputs, names, dtype, seed, device='cpu'):
             'out_dtype_ok': float(out.dtype == dtype)}
     for name, a, b in zip(names, ours, theirs):
         if a is not None and (a.grad is not None or b.grad is not None):
-            errs[f'd{name}'] = _rel(a.grad.cpu(), b.grad)
+            ga, gb = a.grad.cpu(), b.grad
+            if skip and name in skip:
+                keep = ~skip[name]
+                ga, gb = ga[keep], gb[keep]
+                errs[f'skipped_{name}'] = float(skip[name].sum())
+            errs[f'd{name}'] = _rel(ga, gb)
     return errs
+
+
+def _kinks(pos, n, size):
+    """Which position coordinates (``pos[..., axis]``, float32 values) put
+    some query of an ``n``-long axis within rounding of an interior integer
+    ``u`` of a ``size`` table: a kink of the bilinear interpolation, where
+    the derivative is one-sided and which side the kernel takes depends on
+    the last bit of its float32 arithmetic (a GPU contracts ``i * step - 1``
+    into one fused multiply-add; the interpreter rounds twice)."""
+    import torch
+    q = _query_grid(n, torch.float64).view(1, 1, n, 1)
+    u = (q - pos.double().unsqueeze(2) + 2) * (0.25 * (size - 1))
+    near = ((u - u.round()).abs() < 1e-4) & (u.round() >= 1) & (
+        u.round() <= size - 2)
+    return near.any(2)  # (B, g, Ns)
 
 
 def _deformable_case(B, h, g, H, W, Ns, c, table, dtype, blocks, split,
@@ -152,6 +174,14 @@ def _deformable_case(B, h, g, H, W, Ns, c, table, dtype, blocks, split,
                            [1., 0.3], [-0.7, -1.]])
     pos[:, :, :min(Ns, 6)] = border[:min(Ns, 6)]
     tab = None if table is None else torch.randn(h, *table, generator=gen)
+    skip = None
+    if device != 'cpu' and tab is not None:
+        # compiled kernels: _corner32 reproduces the interpreter's rounding,
+        # not a GPU's fused multiply-adds; at a kink either one-sided
+        # derivative is right, so those position gradients are left out
+        skip = {'pos': torch.stack([_kinks(pos[..., 0], H, tab.shape[1]),
+                                    _kinks(pos[..., 1], W, tab.shape[2])],
+                                   -1)}
     da.BLOCK_OVERRIDE = blocks
     da._MIN_PROGRAMS = split
     try:
@@ -161,7 +191,7 @@ def _deformable_case(B, h, g, H, W, Ns, c, table, dtype, blocks, split,
             lambda q, k, v, p, t: _deformable_ref(q, k, v, p, t, H, W,
                                                   c ** -0.5),
             (q, k, v, pos, tab), ('q', 'k', 'v', 'pos', 'table'), dtype,
-            seed, device)
+            seed, device, skip)
     finally:
         da.BLOCK_OVERRIDE, da._MIN_PROGRAMS = None, 512
 
@@ -215,6 +245,10 @@ def _op_cases():
         # 99 queries in 16-tiles (partial last); k = 3
         'na_tiles': lambda: _neighborhood_case(
             1, 2, 9, 11, 16, 3, f32, (16, 16)),
+        # H = 5 <= 2k - 1: the middle key row is in every query's window
+        # (more query rows per key than k + k//2)
+        'na_small_map': lambda: _neighborhood_case(
+            1, 2, 5, 7, 16, 3, f32, (16, 16)),
         # H == kernel size, head dim 24, GPU blocks, 2 batches
         'na_k5_default_blocks': lambda: _neighborhood_case(
             2, 1, 5, 13, 24, 5, f32, None),
@@ -382,7 +416,8 @@ def _check(res, tol):
 
 @pytest.mark.parametrize('case', [
     'da_tiles_groups', 'da_h1_thin_table', 'da_w1_no_table',
-    'da_default_blocks', 'da_wide_rows', 'na_tiles', 'na_k5_default_blocks'])
+    'da_default_blocks', 'da_wide_rows', 'na_tiles', 'na_small_map',
+    'na_k5_default_blocks'])
 def test_float32_matches_float64_reference(op_results, case):
     res = op_results[case]
     _check(res, TOL)

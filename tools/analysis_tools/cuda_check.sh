@@ -5,7 +5,8 @@
 # issue through tools/analysis_tools/benchmark.py --device cuda, each ratio
 # from this one run:
 #   - deformable module 1x64x200x304 (stage 1 of DAT-T++), infer and train,
-#     triton vs reference, fp32 and bf16 (time and peak-memory ratios)
+#     triton vs reference (and flex in fp32), fp32 and bf16 (time and
+#     peak-memory ratios); the neighborhood module likewise in fp32
 #   - DAT-T++ backbone bf16: train 2x3x800x1216, infer 1x3x800x1216, infer
 #     throughput 128x3x224x224, each against mmdet's Swin-T
 #   - one Mask R-CNN training iteration (DAT-T++ 1x config vs Swin-T,
@@ -77,6 +78,17 @@ START=$(date +%s)
 } 2>&1 | tee "$LOG"
 
 T="timeout -k 5"
+if [ "${1:-}" = "tests" ]; then
+  # the CUDA tests alone, failures printed as they happen, beside a profile
+  # of the training step (where its GPU time goes)
+  export PYTHONPATH="$ROOT/tools/analysis_tools:$PYTHONPATH"
+  ( $T 120 "$PY" tools/analysis_tools/profile_cuda.py > "$OUTD/profile.log" 2>&1 ) &
+  $T "${TEST_TIMEOUT:-150}" "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider \
+    -p pytest_report_now -n 12 -rfEs --tb=short --durations=8 2>&1 \
+    | grep -v -e Benchmark -e warner | tee "$OUTD/pytest.log"
+  wait
+  exit 0
+fi
 step() { echo "== $1 ($(( $(date +%s) - START )) s)" | tee -a "$LOG"; }
 
 step "pytest tests/test_cuda.py"
@@ -97,10 +109,12 @@ bench() {  # name timeout args...
   step "benchmark $name"
   $T "$t" $B --json "$J/$name.json" "$@" 2>&1 | grep -v -i -e warn -e '^ *warnings\.' | tee -a "$LOG"
 }
-bench deform_fp32 70 --target deform-attn --shape 1 64 200 304 --mode both \
-  --variants triton,reference --base triton --repeat 10 --warmup 2
+bench deform_fp32 90 --target deform-attn --shape 1 64 200 304 --mode both \
+  --variants triton,flex,reference --base triton --repeat 10 --warmup 2
 bench deform_bf16 55 --target deform-attn --shape 1 64 200 304 --mode both \
   --variants triton,reference --base triton --dtype bf16 --repeat 10 --warmup 2
+bench nat_fp32 50 --target nat-attn --shape 1 64 200 304 --mode both \
+  --variants triton,flex,reference --base triton --repeat 10 --warmup 2
 bench backbone_train_bf16 60 --arch tiny --shape 2 3 800 1216 --mode train \
   --variants triton,swin --base triton --dtype bf16 --repeat 5 --warmup 2
 bench backbone_infer_bf16 40 --arch tiny --shape 1 3 800 1216 --mode infer \

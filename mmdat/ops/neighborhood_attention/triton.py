@@ -262,6 +262,13 @@ if triton is not None:
         tl.store(DV + d_off, dv.to(DV.dtype.element_ty), mask=nd)
 
 
+def _queries_per_key(n: int, ks: int) -> int:
+    """The most query rows (of ``n``) whose ``ks``-window holds one key
+    row: ``ks + ks//2`` beside a border, all ``n`` when a key row is beside
+    both borders (``n <= 2 ks - 1``)."""
+    return n if n <= 2 * ks - 1 else ks + ks // 2
+
+
 def _s4(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
@@ -315,9 +322,7 @@ class _NeighborhoodAttentionTriton(torch.autograd.Function):
                          drpb if has_bias else dq, *common, h, H, W, c, ks,
                          scale * 1.4426950408889634, scale, **meta)
         LAUNCHES['neighborhood_backward_dq'] += 1
-        # rows of queries that can see one key row: k near a border
-        # (k + k//2), k inside, all when the map is that small
-        NI, NJ = min(H, ks + ks // 2), min(W, ks + ks // 2)
+        NI, NJ = _queries_per_key(H, ks), _queries_per_key(W, ks)
         _na_bwd_dkdv[grid](q, k, v, r, do, lse, delta, dk, dv, *common,
                            h, H, W, c, ks, NI, NJ,
                            scale * 1.4426950408889634, scale, **meta)
