@@ -44,6 +44,12 @@ def _env(**extra):
     return env
 
 
+def _have_mmcv_ops():
+    proc = subprocess.run([PY, '-c', 'import mmcv.ops'], capture_output=True,
+                          env=_env())
+    return proc.returncode == 0
+
+
 # ---------------------------------------------------------------------------
 # fast: the script's command line
 # ---------------------------------------------------------------------------
@@ -173,14 +179,57 @@ def test_summary_help_and_bad_input(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------
+# fast: the demo detector's RoI heads see the pixels of their boxes
+# ---------------------------------------------------------------------------
+def _demo_detector():
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmdet.registry import MODELS
+    import mmdat  # noqa: F401  (registers DAT)
+    init_default_scope('mmdet')
+    cfg = Config.fromfile(str(ROOT / 'configs/mmdet/mask_rcnn_dat_pp_demo.py'))
+    return MODELS.build(cfg.model).eval()
+
+
+@pytest.mark.skipif(not _have_mmcv_ops(),
+                    reason='mmcv (with ops) is not installed yet')
+def test_demo_detector_roi_features_follow_the_boxes():
+    """The RoI extractors of the demo Mask R-CNN read the FPN maps at the
+    boxes' pixels. DAT's outputs and so the FPN maps are channels-last
+    strided; mmcv's CPU RoIAlign read such maps as contiguous NCHW, which
+    scrambled every RoI feature (RPN fine, RoI heads at chance: the demo's
+    bbox mAP 0.03). Reference: the same extraction from contiguous copies,
+    and, independently of both, a box around one marked pixel."""
+    import torch
+    torch.manual_seed(0)
+    model = _demo_detector()
+    with torch.no_grad():
+        feats = model.neck(model.backbone(torch.randn(2, 3, 96, 128)))
+    rois = torch.tensor([[0., 4, 8, 60, 50], [1, 40, 30, 120, 90],
+                         [1, 10, 50, 42, 94]])
+    dense = [f.contiguous() for f in feats]
+    for name in ('bbox_roi_extractor', 'mask_roi_extractor'):
+        ext = getattr(model.roi_head, name)
+        n = ext.num_inputs
+        with torch.no_grad():
+            got = ext(feats[:n], rois)
+            want = ext(dense[:n], rois)
+        torch.testing.assert_close(got, want, msg=name)
+    # one hot pixel in channel 5 of a channels-last map: only the RoI that
+    # covers it sees it
+    ext = model.roi_head.bbox_roi_extractor
+    maps = [torch.zeros(2, 64, 96 // s, 128 // s).contiguous(
+        memory_format=torch.channels_last) for s in (4, 8, 16, 32)]
+    maps[0][1, 5, 15, 20] = 1.0  # pixels (60..64, 80..84) of image 1
+    with torch.no_grad():
+        out = ext(maps, rois)
+    hit = out.flatten(2).abs().amax(-1) > 0
+    assert hit.nonzero().tolist() == [[1, 5]], hit.nonzero().tolist()
+
+
+# ---------------------------------------------------------------------------
 # slow: two short runs of the demo detector agree exactly
 # ---------------------------------------------------------------------------
-def _have_mmcv_ops():
-    proc = subprocess.run([PY, '-c', 'import mmcv.ops'], capture_output=True,
-                          env=_env())
-    return proc.returncode == 0
-
-
 def _scalars(work_dir):
     records = []
     for path in glob.glob(osp.join(work_dir, '*', 'vis_data',

@@ -26,9 +26,9 @@ def _ctx(**kw):
 @pytest.mark.parametrize('op', OPS)
 def test_every_implementation_states_what_it_can_run(op):
     found = dict(dispatch.reasons(op, _ctx()))
-    assert {'reference', 'chunked', 'cpu', 'flex'} <= set(found)
+    assert {'reference', 'chunked', 'cpu', 'triton'} <= set(found)
     assert found['reference'] is None and found['chunked'] is None
-    assert 'CUDA' in found['flex']
+    assert 'CUDA' in found['triton']
     cuda = dict(dispatch.reasons(op, _ctx(device=torch.device('cuda'))))
     assert 'CPU' in cuda['cpu']
 
@@ -47,14 +47,43 @@ def test_auto_prefers_the_cpu_kernels_and_falls_back(op):
 
 
 def test_a_named_implementation_that_cannot_run_says_why():
-    with pytest.raises(RuntimeError, match="impl='flex'.*CUDA"):
-        dispatch.choose('deformable_attention', 'flex', _ctx())
-    m = DeformableAttention(16, 2, 1, 2, 3, 4, impl='flex')
+    with pytest.raises(RuntimeError, match="impl='triton'.*CUDA"):
+        dispatch.choose('deformable_attention', 'triton', _ctx())
+    m = DeformableAttention(16, 2, 1, 2, 3, 4, impl='triton')
     with pytest.raises(RuntimeError, match='needs CUDA'):
         m(torch.randn(1, 16, 8, 8))
     with pytest.raises(RuntimeError, match='positions may leave'):
         DeformableAttention(16, 2, 1, 2, 3, 4, offset_range_factor=2.0,
                             impl='cpu')(torch.randn(1, 16, 8, 8))
+
+
+def test_auto_on_cuda_materialises_the_scores_up_to_a_budget():
+    """The deformable reference is the fastest CUDA path as measured: auto
+    takes it on CUDA while one call's score matrix is within budget, the
+    chunked path beyond; off CUDA it is the last resort only."""
+    from mmdat.ops.deformable_attention import reference
+    op, cuda = 'deformable_attention', torch.device('cuda')
+    budget = reference.CUDA_AUTO_MAX_SCORES
+
+    def pick(device, scores, impl='auto'):
+        ctx = _ctx(device=device, facts=(('scores', scores),
+                                         ('explicit', impl != 'auto')))
+        return dispatch.choose(op, impl, ctx).name
+
+    assert pick(cuda, budget) == 'reference'
+    assert pick(cuda, budget + 1) == 'chunked'
+    assert pick(cuda, budget + 1, 'reference') == 'reference'
+    found = dict(dispatch.reasons(op, _ctx(device=cuda)))
+    assert found['reference'] is None  # it can run; auto prefers otherwise
+    set_enabled('cpu', False)
+    try:
+        assert pick(torch.device('cpu'), 10) == 'chunked'
+        set_enabled('chunked', False)
+        # nothing else can run: the skipped one is the last resort
+        assert pick(torch.device('cpu'), 10) == 'reference'
+    finally:
+        set_enabled('cpu', True)
+        set_enabled('chunked', True)
 
 
 def test_impl_names_are_checked():

@@ -83,6 +83,10 @@ class Implementation:
     can_run: Callable[[Context], Optional[str]]
     portable: bool = False
     doc: str = ''
+    #: why ``auto`` passes it over for ``ctx`` although it can run (a
+    #: measured preference, e.g. by device or size), or ``None``; ``auto``
+    #: still takes it when nothing else can run
+    auto_skip: Optional[Callable[[Context], Optional[str]]] = None
 
 
 _REGISTRY: Dict[str, List[Implementation]] = {}
@@ -98,7 +102,9 @@ _DISABLED: set = set()
 #: naming them with ``impl=`` still selects them, and
 #: ``MMDAT_AUTO_INCLUDE=triton`` (a comma list) lets ``auto`` pick them
 AUTO_EXCLUDED: Dict[str, str] = {
-    'triton': ('not yet verified on a GPU; impl="triton" (or '
+    'triton': ('slower than the reference path on an H200 (2026-11-30: '
+               'DAT-T++ training step 3.9x Swin-T) and its position '
+               'gradients not yet confirmed there; impl="triton" (or '
                'MMDAT_AUTO_INCLUDE=triton) selects it'),
 }
 
@@ -109,16 +115,21 @@ def _auto_excluded(name: str) -> Optional[str]:
 
 
 def register(op: str, name: str, can_run: Callable[[Context], Optional[str]],
-             portable: bool = False) -> Callable:
+             portable: bool = False,
+             auto_skip: Optional[Callable[[Context], Optional[str]]] = None
+             ) -> Callable:
     """Decorator: register ``fn`` as implementation ``name`` of ``op``.
 
-    The preference order for ``impl='auto'`` is :func:`set_order`'s.
+    The preference order for ``impl='auto'`` is :func:`set_order`'s;
+    ``auto_skip(ctx)`` (a reason or ``None``) lets ``auto`` pass it over
+    where it can run but another is measured better.
     """
     def wrap(fn: Callable) -> Callable:
         impls = _REGISTRY.setdefault(op, [])
         impls[:] = [i for i in impls if i.name != name]
         impls.append(Implementation(op, name, fn, can_run, portable,
-                                    (fn.__doc__ or '').strip().split('\n')[0]))
+                                    (fn.__doc__ or '').strip().split('\n')[0],
+                                    auto_skip))
         return fn
     return wrap
 
@@ -178,12 +189,15 @@ def choose(op: str, impl: str, ctx: Context,
     """
     impl = _ALIASES.get(impl, impl)
     found = reasons(op, ctx)
+    by_name = {i.name: i for i in implementations(op)}
     if impl == AUTO:
         found = [(n, _auto_excluded(n) if r is None else r)
                  for n, r in found]
-    by_name = {i.name: i for i in implementations(op)}
-    if impl == AUTO:
-        chosen = next((n for n, r in found if r is None), None)
+        # a preference skip leaves the implementation as the last resort
+        fallback = next((n for n, r in found if r is None), None)
+        found = [(n, by_name[n].auto_skip(ctx) if r is None
+                  and by_name[n].auto_skip else r) for n, r in found]
+        chosen = next((n for n, r in found if r is None), fallback)
         if chosen is None:
             raise RuntimeError(f'no implementation of {op} can run this '
                                f'input: {_format(found)}')

@@ -32,7 +32,7 @@ class DeformableAttention(nn.Module):
         no_off: ignore the predicted offsets (sample on the reference grid).
         impl: ``'auto'`` or an implementation of
             :mod:`mmdat.ops.deformable_attention` (``'cpu'``, ``'triton'``,
-            ``'flex'``, ``'chunked'``, ``'reference'``).
+            ``'chunked'``, ``'reference'``).
     """
 
     def __init__(self, dim: int, num_heads: int, num_groups: int, stride: int,

@@ -325,7 +325,7 @@ class DAT(BaseModule):
             (each with its output norm and the downsampling after it).
         impl: attention implementation of every block: ``'auto'`` (the
             dispatcher of :mod:`mmdat.ops` chooses per call), ``'cpu'``
-            (C++ kernels), ``'triton'``, ``'flex'`` (CUDA), ``'chunked'``
+            (C++ kernels), ``'triton'`` (CUDA), ``'chunked'``
             (plain PyTorch, memory-lean) or ``'reference'`` (the spec).
             ``mmdat.ops.explain(model, x)`` tells which ran and why.
         init_cfg: mmengine init config; ``dict(type='Pretrained',

@@ -6,12 +6,14 @@ side, one entry point.
 ``chunked``    plain PyTorch, row chunks, gathered bias + SDPA (portable)
 ``cpu``        fused C++ kernels (``csrc/deform_bias_kernels.h``, validated and registered in ``csrc/ops.cpp``), custom ops
 ``triton``     fused Triton kernels (CUDA; CPU under ``TRITON_INTERPRET=1``)
-``flex``       ``flex_attention`` with the bias in the score function (CUDA)
 =============  ============================================================
 
 ``impl='auto'`` takes the first that can run in the order ``cpu``,
-``triton``, ``flex``, ``chunked``, ``reference``; see
-:mod:`mmdat.ops.dispatch` for why one cannot run.
+``triton`` (not yet: see ``dispatch.AUTO_EXCLUDED``), ``reference`` (on
+CUDA, up to ``reference.CUDA_AUTO_MAX_SCORES`` scores per call: the fastest
+there as measured), ``chunked``; see :mod:`mmdat.ops.dispatch` for why one
+cannot run. (A ``flex_attention`` implementation was removed: on an H200 it
+was slower than both Triton and the reference, its gradients unverified.)
 """
 import importlib
 from typing import Optional
@@ -25,12 +27,11 @@ try:  # the Triton kernels need triton; without it they are not registered
     importlib.import_module(f'{__name__}.triton')
 except ImportError:
     pass
-from . import flex  # noqa: F401,E402
 from . import chunked  # noqa: F401,E402
 from . import reference  # noqa: F401,E402
 
 OP = 'deformable_attention'
-set_order(OP, ('cpu', 'triton', 'flex', 'chunked', 'reference'))
+set_order(OP, ('cpu', 'triton', 'reference', 'chunked'))
 
 
 def deformable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -59,7 +60,8 @@ def deformable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         head_dim=q.shape[-1],
         facts=(('has_table', table is not None),
                ('positions_in_range', positions_in_range),
-               ('groups', pos.shape[1]), ('explicit', impl != 'auto')))
+               ('groups', pos.shape[1]), ('explicit', impl != 'auto'),
+               ('scores', q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2])))
     fn = choose(OP, impl, ctx, where).fn
     return fn(q, k, v, pos, table, H=H, W=W, scale=scale,
               positions_in_range=positions_in_range)

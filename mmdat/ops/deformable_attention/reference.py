@@ -11,11 +11,31 @@ from ..dispatch import Context, register
 from .lookup import query_grid
 
 
+#: score-matrix elements (batch x heads x queries x keys) of one call up to
+#: which ``auto`` runs this on CUDA: measured on an H200 (2026-11-30) it is
+#: the fastest there (stage-1 module 1x64x200x304: 3.5 ms against Triton's
+#: 5.4 ms and flex_attention's 7.8 ms; the DAT-T++ training step at
+#: 1x3x800x1216 took 35.7 ms against the chunked path's 112 ms), at ~25x the
+#: memory. 2**28 covers detection training at 2x800x1216 (2.3e8).
+CUDA_AUTO_MAX_SCORES = 2**28
+
+
 def _can_run(ctx: Context) -> Optional[str]:
     return None
 
 
-@register('deformable_attention', 'reference', can_run=_can_run)
+def _auto_skip(ctx: Context) -> Optional[str]:
+    if ctx.device.type != 'cuda':
+        return 'off CUDA auto prefers the leaner chunked path'
+    scores = ctx.fact('scores', 0)
+    if scores > CUDA_AUTO_MAX_SCORES:
+        return (f'{scores:.2e} attention scores in one call exceed '
+                f'CUDA_AUTO_MAX_SCORES={CUDA_AUTO_MAX_SCORES:.2e} (memory)')
+    return None
+
+
+@register('deformable_attention', 'reference', can_run=_can_run,
+          auto_skip=_auto_skip)
 def deformable_attention_reference(q, k, v, pos, table, *, H, W, scale,
                                    positions_in_range=True):
     """Materialised displacements, ``grid_sample`` bias, full softmax."""
