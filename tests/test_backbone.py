@@ -184,3 +184,14 @@ def test_wrong_input_channels():
         model(torch.randn(1, 4, 32, 32))
     with pytest.raises(ValueError, match='4-D'):
         model(torch.randn(3, 32, 32))
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_outputs_are_nchw_contiguous(train):
+    """Heads read the maps as NCHW memory: mmcv's RoIAlign takes
+    ``data_ptr()`` as NCHW, and a channels-last view scrambled every RoI
+    feature of the detectors (their RoI heads stayed at chance)."""
+    model = DAT(arch=TINY_ARCH, out_indices=(0, 1, 2, 3)).train(train)
+    with torch.set_grad_enabled(train):
+        outs = model(torch.randn(1, 3, 64, 96))
+    assert all(o.is_contiguous() for o in outs), [o.stride() for o in outs]

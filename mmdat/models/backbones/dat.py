@@ -484,7 +484,10 @@ class DAT(BaseModule):
         for i in range(NUM_STAGES):
             x = self.stages[i](x)
             if i in self.out_indices:
-                outs.append(self.norms[i](x))
+                # the norm's output is a channels-last view; heads expect
+                # NCHW memory (mmcv's RoIAlign reads data_ptr() as NCHW and
+                # scrambled every RoI feature of the detectors)
+                outs.append(self.norms[i](x).contiguous())
             if i < NUM_STAGES - 1:
                 if i >= max(self.out_indices):
                     break
