@@ -34,14 +34,19 @@ def snap():
             for r in (HOOKS, MODEL_WRAPPERS, OPTIM_WRAPPERS)}
     loader = CheckpointLoader._schemes['']
     regs['loader'] = f'{loader.__module__}.{loader.__qualname__}'
+    for lib, reg in LIBS.items():  # the libraries' scoped registries
+        regs[f'{lib}.optim_wrapper'] = {
+            k: f'{v.__module__}.{v.__qualname__}'
+            for k, v in reg.OPTIM_WRAPPERS.module_dict.items()}
     return regs
 
 
 # importing the libraries' registry modules is fine (``import mmpretrain``
 # itself imports ``mmpretrain.apis``): only what comes on top counts
+LIBS = {}
 for lib in ('mmdet', 'mmseg', 'mmpretrain'):
     try:
-        __import__(f'{lib}.registry')
+        LIBS[lib] = __import__(f'{lib}.registry', fromlist=['registry'])
     except ImportError:
         pass
 loaded = set(sys.modules)
@@ -88,6 +93,31 @@ def test_import_mmdat_engine_adds_beside_upstream(snapshots):
         for key in names:
             assert after[name][key].startswith('mmdat.engine.'), key
     assert after['loader'] == 'mmdat.engine.checkpoint.load_from_local'
+    # AmpOptimWrapper of the three scopes: mmengine's with CUDA, the CPU
+    # wrapper without (mim train runs the libraries' own train scripts)
+    for lib in ('mmdet', 'mmseg', 'mmpretrain'):
+        name = f'{lib}.optim_wrapper'
+        assert 'AmpOptimWrapper' not in before[name]
+        assert after[name]['AmpOptimWrapper'] == \
+            'mmdat.engine.wrappers.amp_optim_wrapper'
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='CPU-only machines')
+@pytest.mark.parametrize('scope', ['mmdet', 'mmseg', 'mmpretrain'])
+def test_amp_recipes_build_without_a_gpu(scope):
+    """``optim_wrapper=dict(type='AmpOptimWrapper', loss_scale='dynamic')``
+    (the recipes) builds under each library's scope on a CPU-only machine,
+    as with their own train scripts, instead of mmengine's GPU assert."""
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import DefaultScope
+
+    from mmdat.engine import CPUAmpOptimWrapper
+    with DefaultScope.overwrite_default_scope(scope):
+        wrapper = build_optim_wrapper(_Net(), dict(
+            type='AmpOptimWrapper', loss_scale='dynamic',
+            optimizer=dict(type='AdamW', lr=1e-4)))
+    assert isinstance(wrapper, CPUAmpOptimWrapper)
+    assert wrapper.cast_dtype == torch.bfloat16
 
 
 class _Net(torch.nn.Module):

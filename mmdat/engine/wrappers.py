@@ -3,6 +3,9 @@
 Registered under their own names in mmengine's root registries (the
 upstream ``MMDistributedDataParallel`` / ``AmpOptimWrapper`` entries are
 untouched); ``mmdat.apis`` switches a config to them when no GPU is present.
+For the libraries' own train scripts (``mim train``), ``AmpOptimWrapper`` in
+the mmdet / mmseg / mmpretrain scopes builds mmengine's wrapper with CUDA and
+:class:`CPUAmpOptimWrapper` without (:func:`amp_optim_wrapper`).
 """
 import contextlib
 import logging
@@ -12,7 +15,7 @@ import torch
 from mmengine.logging import print_log
 from mmengine.model import MMDistributedDataParallel
 from mmengine.model.utils import revert_sync_batchnorm
-from mmengine.optim import OptimWrapper
+from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.registry import MODEL_WRAPPERS, OPTIM_WRAPPERS
 
 
@@ -133,3 +136,34 @@ class CPUAmpOptimWrapper(OptimWrapper):
                     handle.remove()
                 while stack:  # a forward that raised: leave autocast again
                     stack.pop().__exit__(None, None, None)
+
+
+def amp_optim_wrapper(**kwargs) -> OptimWrapper:
+    """``type='AmpOptimWrapper'`` as the recipes name it: mmengine's
+    ``AmpOptimWrapper`` where CUDA is available; on a machine without
+    (where mmengine's asserts), :class:`CPUAmpOptimWrapper` in bfloat16,
+    with a log line. What ``tools/train.py`` does to the config, for the
+    libraries' own train scripts (``mim train``)."""
+    if torch.cuda.is_available():
+        return AmpOptimWrapper(**kwargs)
+    print_log('CUDA is not available: AmpOptimWrapper (needs a GPU) is '
+              'built as CPUAmpOptimWrapper (bfloat16 autocast in the '
+              'backbone; necks, heads and mmcv ops in float32).',
+              logger='current', level=logging.WARNING)
+    for key in ('loss_scale', 'dtype', 'use_fsdp'):
+        kwargs.pop(key, None)
+    return CPUAmpOptimWrapper(dtype='bfloat16', **kwargs)
+
+
+def register_amp_fallback() -> None:
+    """Register :func:`amp_optim_wrapper` as ``AmpOptimWrapper`` in the
+    ``OPTIM_WRAPPERS`` registries of mmdet, mmseg and mmpretrain (those
+    installed; scoped child registries, mmengine's own entry untouched)."""
+    import importlib
+    for lib in ('mmdet', 'mmseg', 'mmpretrain'):
+        try:
+            registry = importlib.import_module(f'{lib}.registry')
+        except ImportError:
+            continue
+        registry.OPTIM_WRAPPERS.register_module(
+            name='AmpOptimWrapper', module=amp_optim_wrapper, force=True)
