@@ -818,10 +818,11 @@ def test_mim_train_and_test_det(demo_data, tmp_path):
 # ---------------------------------------------------------------------------
 # chance: 4 balanced classes -> top-1 25; all-background segmentation -> mIoU
 # about 23 (one of 4 classes right); random boxes -> AP50 about 0.
-# The demo detector's schedule (800 iterations) is the main job's, minutes
-# beyond this suite's budget (even 160 iterations took 8 CPU-minutes); its
-# learning is checked by the main job's floors (test_demo_workflow,
-# MMDAT_RUN_DEMO=1), its pipeline by the short runs in this file.
+# The demo detector's schedule (240 iterations, about 3 minutes on 2 cores)
+# is beyond this suite's budget; its learning is checked by the main job's
+# floors (test_demo_workflow, MMDAT_RUN_DEMO=1), its RoI path by
+# test_demo_workflow's RoI-feature test, its pipeline by the short runs in
+# this file.
 LEARNS = {
     'cls': ('accuracy/top1', 60.0),
     'seg': ('mIoU', 40.0),

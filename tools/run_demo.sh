@@ -9,7 +9,7 @@ usage() {
 usage: bash tools/run_demo.sh [--work-dir DIR] [--quick] [--verbose] [--no-setup] [-h]
 
 The DAT++ workflow on the bundled synthetic demo data, on the CPU (about
-9 minutes on an idle 2-core machine after the set-up):
+5 minutes on an idle 2-core machine after the set-up):
   1. set up ./.venv (tools/setup_env.sh; nothing to do when it is there) and
      generate the demo data into data/demo/ (tools/dataset_converters/
      make_demo_data.py; kept when up to date);
@@ -89,8 +89,8 @@ DET=configs/mmdet/mask_rcnn_dat_pp_demo.py
 # stages' CPU times); the ETA scales the remaining ones by how much slower
 # the finished stages ran.
 STAGES=(data cls_train cls_test seg_train seg_test det_train det_test summary)
-declare -A EXPECT=([data]=8 [cls_train]=40 [cls_test]=12 [seg_train]=70
-                   [seg_test]=15 [det_train]=360 [det_test]=20 [summary]=4)
+declare -A EXPECT=([data]=8 [cls_train]=25 [cls_test]=10 [seg_train]=60
+                   [seg_test]=14 [det_train]=180 [det_test]=12 [summary]=4)
 if [ "$QUICK" = 1 ]; then
   EXPECT[cls_train]=20; EXPECT[seg_train]=20; EXPECT[det_train]=25
 fi
