@@ -2,14 +2,15 @@
 (tools/analysis_tools/summarize_demo.py).
 
 * fast: the script's usage, the summary of a made-up demo folder (metrics,
-  stage times, overview PNG, floors met / missed / not measured);
+  stage times, overview PNG, floors met / missed / not measured); the demo
+  detector's RoI extractors read the FPN maps at the boxes' pixels;
 * ``slow``: the demo detector config trained twice with the same short
   schedule logs the same losses and metrics (seeded configs and dataloader
   workers);
 * ``MMDAT_RUN_DEMO=1`` only: the whole main job, then its quality floors.
-  It takes 6-10 minutes on 2 cores, more than the suite's budget, so it is
-  skipped otherwise; run_demo.sh itself exits non-zero, naming the metric,
-  whenever a floor is missed.
+  It takes about 5 minutes on 2 idle cores, beyond the suite's budget, so
+  it is skipped otherwise; run_demo.sh --strict exits non-zero, naming the
+  metric, whenever a floor is missed.
 """
 import glob
 import json
@@ -290,7 +291,7 @@ def test_demo_detector_is_reproducible(tmp_path):
 # ---------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get('MMDAT_RUN_DEMO') != '1',
-                    reason='the whole demo takes 6-10 minutes on 2 cores; '
+                    reason='the whole demo takes about 5 minutes on 2 cores; '
                     'set MMDAT_RUN_DEMO=1 to run it')
 def test_run_demo_meets_the_quality_floors(tmp_path):
     work = tmp_path / 'demo'
