@@ -114,6 +114,11 @@ def _auto_excluded(name: str) -> Optional[str]:
     return None if name in included else AUTO_EXCLUDED.get(name)
 
 
+def runs_anywhere(ctx: Context) -> Optional[str]:
+    """``can_run`` of an implementation in plain PyTorch ops: any input."""
+    return None
+
+
 def register(op: str, name: str, can_run: Callable[[Context], Optional[str]],
              portable: bool = False,
              auto_skip: Optional[Callable[[Context], Optional[str]]] = None

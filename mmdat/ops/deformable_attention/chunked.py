@@ -9,13 +9,12 @@ Lookups outside the table are zero (as ``grid_sample`` with zero padding),
 so tanh-bounded offsets (DAT v1) are covered too. Only standard ops: this
 is also the implementation exported to ONNX (one chunk when portable).
 """
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..dispatch import Context, is_portable, register
+from ..dispatch import is_portable, register, runs_anywhere
 from .lookup import table_coordinate
 
 # Elements of a (query-chunk x keys) bias block per head-batch kept alive at
@@ -25,11 +24,8 @@ CHUNK_ELEMENTS = 1 << 22
 CHUNK_ELEMENTS_CUDA = 1 << 26
 
 
-def _can_run(ctx: Context) -> Optional[str]:
-    return None
-
-
-@register('deformable_attention', 'chunked', can_run=_can_run, portable=True)
+@register('deformable_attention', 'chunked', can_run=runs_anywhere,
+          portable=True)
 def deformable_attention_chunked(q, k, v, pos, table, *, H, W, scale,
                                  positions_in_range=True):
     """Row chunks: gathered bilinear bias + ``scaled_dot_product_attention``."""

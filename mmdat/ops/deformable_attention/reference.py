@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..dispatch import Context, register
+from ..dispatch import Context, register, runs_anywhere
 from .lookup import query_grid
 
 
@@ -20,10 +20,6 @@ from .lookup import query_grid
 CUDA_AUTO_MAX_SCORES = 2**28
 
 
-def _can_run(ctx: Context) -> Optional[str]:
-    return None
-
-
 def _auto_skip(ctx: Context) -> Optional[str]:
     if ctx.device.type != 'cuda':
         return 'off CUDA auto prefers the leaner chunked path'
@@ -34,7 +30,7 @@ def _auto_skip(ctx: Context) -> Optional[str]:
     return None
 
 
-@register('deformable_attention', 'reference', can_run=_can_run,
+@register('deformable_attention', 'reference', can_run=runs_anywhere,
           auto_skip=_auto_skip)
 def deformable_attention_reference(q, k, v, pos, table, *, H, W, scale,
                                    positions_in_range=True):

@@ -8,21 +8,17 @@ pattern, not per tile. Far less memory traffic than the reference's
 per-query gathers.
 """
 import functools
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ..dispatch import Context, register
+from ..dispatch import register, runs_anywhere
 
 TILE = 8
 
 
-def _can_run(ctx: Context) -> Optional[str]:
-    return None
-
-
-@register('neighborhood_attention', 'chunked', can_run=_can_run)
+@register('neighborhood_attention', 'chunked', can_run=runs_anywhere)
 def neighborhood_attention_chunked(q, k, v, rpb, *, kernel_size, scale):
     """Query tiles against their key halos, masked SDPA per border pattern."""
     B, h, H, W, c = q.shape

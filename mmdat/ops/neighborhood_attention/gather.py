@@ -5,17 +5,12 @@ one Gather per tensor (multi-axis indexing becomes transpose-gather-
 transpose of the 49x-sized tensors) and no per-query Einsum, about twice as
 fast in ONNX Runtime. Portable: chosen under ``mmdat.ops.portable()`` and
 ONNX export."""
-from typing import Optional
 
-from ..dispatch import Context, register
+from ..dispatch import register, runs_anywhere
 from .reference import window_indices
 
 
-def _can_run(ctx: Context) -> Optional[str]:
-    return None
-
-
-@register('neighborhood_attention', 'gather', can_run=_can_run,
+@register('neighborhood_attention', 'gather', can_run=runs_anywhere,
           portable=True)
 def neighborhood_attention_gather(q, k, v, rpb, *, kernel_size, scale):
     """One flat-index gather per tensor, multiply-sum (ONNX friendly)."""

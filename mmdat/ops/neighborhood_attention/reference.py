@@ -2,11 +2,10 @@
 window of keys gathered explicitly (natten's ``NeighborhoodAttention2D``
 with dilation 1: windows slide inward at the borders, never padded). Only
 gathers and matmuls, so it is also the portable (ONNX) implementation."""
-from typing import Optional
 
 import torch
 
-from ..dispatch import Context, register
+from ..dispatch import register, runs_anywhere
 
 
 def window_starts(n, k: int, device=None) -> torch.Tensor:
@@ -25,11 +24,7 @@ def window_indices(H, W, ks: int, device=None):
     return rows, cols, rel_r, rel_c
 
 
-def _can_run(ctx: Context) -> Optional[str]:
-    return None
-
-
-@register('neighborhood_attention', 'reference', can_run=_can_run,
+@register('neighborhood_attention', 'reference', can_run=runs_anywhere,
           portable=True)
 def neighborhood_attention_reference(q, k, v, rpb, *, kernel_size, scale):
     """Explicit ``k x k`` window gathers, full softmax per query."""
