@@ -85,9 +85,9 @@ CLS=configs/mmpretrain/dat_pp_demo.py
 SEG=configs/mmseg/upernet_dat_pp_demo.py
 DET=configs/mmdet/mask_rcnn_dat_pp_demo.py
 
-# Expected seconds per stage on an idle 2-core machine (estimated from the
-# stages' CPU times); the ETA scales the remaining ones by how much slower
-# the finished stages ran.
+# Expected seconds per stage on an idle 2-core machine (measured wall times,
+# 2026-11-30); the ETA scales the remaining ones by how much slower the
+# finished stages ran.
 STAGES=(data cls_train cls_test seg_train seg_test det_train det_test summary)
 declare -A EXPECT=([data]=8 [cls_train]=25 [cls_test]=10 [seg_train]=60
                    [seg_test]=14 [det_train]=180 [det_test]=12 [summary]=4)

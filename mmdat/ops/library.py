@@ -53,14 +53,6 @@ def ops_loaded() -> bool:
     return cpu_ops_available()
 
 
-def use_cpu_ops(x: torch.Tensor) -> bool:
-    """Whether the C++ CPU ops can take ``x``: a CPU tensor, eager mode,
-    and the ops are loaded. (The dispatcher in ``mmdat.ops`` decides per op
-    and call; this stays for callers outside it.)"""
-    return (x.device.type == 'cpu' and not torch.compiler.is_compiling()
-            and cpu_ops_available())
-
-
 def fused_deform_attention_available() -> bool:
     """Whether the one-pass deformable attention kernels (float32, AVX-512
     only) can run: the ops are loaded and the instruction set in use has

@@ -92,10 +92,9 @@ if [ "$MODE" = "tests" ] || [ "$MODE" = "all" ]; then
   # spread over processes (the Triton cache is shared); failures are printed
   # as they happen (a run cut at its cap still says why)
   XDIST=""; "$PY" -c 'import xdist' 2>/dev/null && XDIST="-n ${TEST_WORKERS:-12}"
-  ( PYTHONPATH="$ROOT/tools/analysis_tools:$PYTHONPATH" $T 150 "$PY" \
-      tools/analysis_tools/profile_cuda.py > "$OUTD/profile.log" 2>&1 ) &
-  PYTHONPATH="$ROOT/tools/analysis_tools:$PYTHONPATH" $T "${TEST_TIMEOUT:-210}" \
-    "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -p pytest_report_now \
+  export PYTHONPATH="$ROOT/tools/analysis_tools:$PYTHONPATH"  # the plugin
+  ( $T 150 "$PY" tools/analysis_tools/profile_cuda.py > "$OUTD/profile.log" 2>&1 ) &
+  $T "${TEST_TIMEOUT:-210}" "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -p pytest_report_now \
     $XDIST -rfEs --tb=short --durations=8 2>&1 \
     | grep -v -e Benchmark -e warner > "$OUTD/pytest.log"
   echo "pytest rc ${PIPESTATUS[0]}" | tee -a "$LOG"; tail -40 "$OUTD/pytest.log" | tee -a "$LOG"

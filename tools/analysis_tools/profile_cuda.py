@@ -27,6 +27,8 @@ def main() -> None:
                    help='training step or inference')
     p.add_argument('--rows', type=int, default=30, help='table rows')
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit('profile_cuda.py: CUDA is not available here')
     from mmdat.models import DAT
     model = DAT(arch=args.arch, impl=args.impl).cuda().train(
         args.mode == 'train')

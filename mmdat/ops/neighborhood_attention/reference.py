@@ -1,7 +1,8 @@
 """Neighborhood attention as the spec writes it: every query's ``k x k``
 window of keys gathered explicitly (natten's ``NeighborhoodAttention2D``
 with dilation 1: windows slide inward at the borders, never padded). Only
-gathers and matmuls, so it is also the portable (ONNX) implementation."""
+gathers and einsums (portable; ONNX export prefers the flat ``gather``
+form of the same computation)."""
 
 import torch
 
